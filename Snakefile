@@ -1,0 +1,66 @@
+"""advrepro: prepare_data -> train -> evaluate -> aggregate (-> bench).
+
+    snakemake --cores all --resources gpu=4                        # the default (embedded) run
+    snakemake --cores all --configfile workflow/config/paper.yaml  # the published matrix
+    snakemake --cores 1 results/mnist5k/smallcnn-w0.5/nfgsm/nfgsm_mnist/seed0/eval_last.json
+
+Every output path is keyed by dataset, arch, method, recipe and seed, so any single cell can be
+asked for by its path.  See README.md.
+"""
+import json
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+sys.path.insert(0, workflow.basedir)
+
+from methods.config import cell_dir, eval_checkpoints, iter_cells, load_recipes, resolve_cell
+
+configfile: "workflow/config/default.yaml"
+validate(config, "workflow/schemas/config.schema.yaml")
+
+PY = sys.executable
+RESULTS = config["results_dir"]
+DATA = config["data_dir"]
+RECIPES = load_recipes(config)
+CELLS = list(iter_cells(config))
+CELL = RESULTS + "/{dataset}/{arch}/{method}/{recipe}/seed{seed}"
+
+wildcard_constraints:
+    dataset=r"[^/]+",
+    arch=r"[^/]+",
+    method=r"[^/]+",
+    recipe=r"[^/]+",
+    seed=r"\d+",
+    checkpoint=r"last|best",
+
+
+def cell_config(w):
+    """The resolved cell as JSON; the recipe must belong to the method in the path."""
+    recipe = RECIPES.get(w.recipe)
+    if recipe is None:
+        raise ValueError(f"unknown recipe {w.recipe!r} in path; known: {sorted(RECIPES)}")
+    if recipe["method"] != w.method:
+        raise ValueError(f"recipe {w.recipe!r} is method {recipe['method']!r}, not {w.method!r}")
+    return json.dumps(resolve_cell(config, w.dataset, w.arch, w.recipe, int(w.seed)))
+
+
+def all_evaluations():
+    return [f"{cell_dir(RESULTS, *cell)}/eval_{ckpt}.json"
+            for cell in CELLS for ckpt in eval_checkpoints(config)]
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/measure.smk"
+
+localrules: all, aggregate
+
+
+rule all:
+    input:
+        f"{RESULTS}/tables/{config['run_name']}.md",
+        f"{RESULTS}/tables/{config['run_name']}.csv",

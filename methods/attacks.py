@@ -1,0 +1,111 @@
+"""White-box attacks in pixel space: FGSM and PGD (untargeted or targeted, Linf or L2).
+
+All attacks take a model that maps [0, 1] images to logits (normalisation lives inside the
+model), labels ``y`` and a :class:`~methods.threat.ThreatModel`, and return adversarial images
+``x_adv`` in [0, 1] with ``threat.distance(x_adv - x) <= eps``.  They do not change the model's
+mode: training methods choose it with :func:`methods.algorithms.base.attack_mode`, and evaluation
+forces eval mode itself.
+
+PGD follows Madry et al. (2018) with the evaluation conventions of locuslab/fast_adversarial and
+N-FGSM (spec section 2.5): uniform random start, sign steps, projection and image clamp after
+every step, optional per-example early stop (only still-correct examples keep moving), and the
+per-example worst case over restarts: an example counts as robust only if no restart fools it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .threat import ThreatModel, clamp_to_image
+
+
+def logits_and_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor,
+                        targeted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at ``x + delta`` and the gradient of the summed cross-entropy w.r.t. ``delta``.
+
+    Summed (not mean) so each example's gradient does not depend on the batch size; for a
+    targeted attack ``y`` holds the target classes and the gradient of ``-CE`` is returned.
+    One forward and one backward pass.
+    """
+    delta = delta.detach().requires_grad_(True)
+    logits = model(x + delta)
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    if targeted:
+        loss = -loss
+    (grad,) = torch.autograd.grad(loss, delta)
+    return logits.detach(), grad.detach()
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor,
+                   targeted: bool = False) -> torch.Tensor:
+    """Gradient of the summed cross-entropy w.r.t. ``delta`` (see :func:`logits_and_gradient`)."""
+    return logits_and_gradient(model, x, delta, y, targeted)[1]
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+         alpha: Optional[float] = None) -> torch.Tensor:
+    """FGSM (Goodfellow et al., 2015) from the clean point, step ``alpha`` (default eps)."""
+    step = threat.eps if alpha is None else alpha
+    delta = torch.zeros_like(x)
+    delta = threat.ascent(delta, input_gradient(model, x, delta, y), step)
+    delta = clamp_to_image(x, threat.project(delta))
+    return (x + delta).detach()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
+        alpha: float, steps: int, restarts: int = 1, random_start: bool = True,
+        target: Optional[torch.Tensor] = None, early_stop: bool = False,
+        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Projected gradient descent; returns the per-example worst case over ``restarts``.
+
+    ``target``: if given, a targeted attack towards these classes (success = predicting them);
+    otherwise untargeted against ``y``.  ``early_stop``: stop moving an example once it is
+    fooled (locuslab's evaluation); training attacks (Madry) leave it off.
+    """
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"pgd needs steps >= 0 and restarts >= 1, got {steps}, {restarts}")
+    targeted = target is not None
+    goal = target if targeted else y
+    best = x.detach().clone()
+    best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        if random_start:
+            delta = clamp_to_image(x, threat.random_start(x, generator=generator))
+        else:
+            delta = torch.zeros_like(x)
+        for _ in range(steps):
+            logits, grad = logits_and_gradient(model, x, delta, goal, targeted=targeted)
+            stepped = clamp_to_image(x, threat.project(threat.ascent(delta, grad, alpha)))
+            if early_stop:
+                active = ~_fooled(logits, y, target)
+                if not active.any():
+                    break
+                stepped = torch.where(_rows(active, x), stepped, delta)
+            delta = stepped
+        if restarts == 1:
+            return (x + delta).detach()  # nothing to compare against: skip the scoring forward
+        with torch.no_grad():
+            logits = model(x + delta)
+            loss = F.cross_entropy(logits, goal, reduction="none")
+            if targeted:
+                loss = -loss
+            fooled = _fooled(logits, y, target)
+            # Worse for the defender: fooled beats not fooled; between equals, higher loss.
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+            best = torch.where(_rows(better, x), x + delta, best)
+            best_loss = torch.where(better, loss, best_loss)
+            best_fooled |= fooled
+    return best.detach()
+
+
+def _fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+    pred = logits.argmax(dim=1)
+    return pred == target if target is not None else pred != y
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))

@@ -1,0 +1,107 @@
+"""Command line used by the Snakemake rules: ``python -m methods <command> ...``.
+
+Commands take the resolved cell as JSON (the Snakefile builds it with
+``methods.config.resolve_cell``) plus paths, so a rule's inputs, outputs and parameters say
+everything the command uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _cmd_prepare(args) -> None:
+    from .data import prepare_dataset
+
+    spec = json.loads(args.spec)
+    manifest = prepare_dataset(args.dataset, spec, Path(args.data_dir), Path(args.out_dir),
+                               download=args.download)
+    print(f"prepared {args.dataset}: {json.dumps(manifest.get('sizes', {}))}")
+
+
+def _cmd_train(args) -> None:
+    from .training import train_cell
+
+    record = train_cell(json.loads(args.cell), Path(args.data_dir), Path(args.prepared_dir),
+                        Path(args.out_dir), Path(args.result), meter_backend=args.meter)
+    last = record["history"][-1]
+    print(f"trained {record['cell']['recipe']}: epochs={record['epochs_completed']} "
+          f"val clean={last['clean_acc']:.3f} pgd={last['pgd_acc']:.3f}")
+
+
+def _cmd_evaluate(args) -> None:
+    from .evaluation import evaluate_cell
+
+    record = evaluate_cell(Path(args.train_result), args.checkpoint, Path(args.data_dir),
+                           Path(args.prepared_dir), Path(args.result), meter_backend=args.meter)
+    summary = {k: round(v["acc"], 4) for k, v in record["metrics"].items()}
+    if record["autoattack"]:
+        summary["AutoAttack"] = round(record["autoattack"]["acc"], 4)
+    print(f"evaluated {record['cell']['recipe']} ({args.checkpoint}): {summary}")
+
+
+def _cmd_aggregate(args) -> None:
+    from .tables import aggregate
+
+    aggregate([Path(p) for p in args.evals], Path(args.markdown), Path(args.csv),
+              published=[Path(p) for p in args.published])
+
+
+def _cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    run_bench(Path(args.config), Path(args.out_dir))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m methods", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="verify or fetch a dataset and write its manifest")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--download", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train one cell (resumes from its state checkpoint)")
+    p.add_argument("--cell", required=True, help="resolved cell config as JSON")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--prepared-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--meter", default=None, help="auto | nvml | null | fake | replay")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate one checkpoint of a trained cell")
+    p.add_argument("--train-result", required=True)
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--prepared-dir", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--meter", default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("aggregate", help="tables from evaluation result files")
+    p.add_argument("--evals", nargs="+", required=True)
+    p.add_argument("--markdown", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--published", nargs="*", default=[])
+    p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("bench", help="microbenchmark every registered method's training step")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Result files: atomic writes, provenance and schema validation.
+
+Every train and evaluate run writes one JSON file, validated against a JSON Schema in
+``workflow/schemas/`` before it is written, with numbers as numbers.  Writes go to a temporary
+file in the destination directory and are renamed into place, so a killed job never leaves a
+file that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import jsonschema
+from referencing import Registry, Resource
+
+from .config import REPO_ROOT, SCHEMA_DIR
+
+TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "nvidia-ml-py", "mlxtend",
+                    "snakemake")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def _schema_registry() -> Registry:
+    common = json.loads((SCHEMA_DIR / "common.defs.json").read_text())
+    return Registry().with_resource("common.defs.json", Resource.from_contents(common))
+
+
+def validate(record: Dict[str, Any], schema_name: str) -> None:
+    """Raise ValueError naming the first field of ``record`` that breaks the schema."""
+    schema = json.loads((SCHEMA_DIR / schema_name).read_text())
+    validator = jsonschema.Draft202012Validator(schema, registry=_schema_registry())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "<root>"
+        raise ValueError(f"result does not match {schema_name} at {where}: {error.message}")
+
+
+def write_result(path: Path, record: Dict[str, Any], schema_name: str) -> Dict[str, Any]:
+    record = _jsonable(record)
+    validate(record, schema_name)
+    atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return record
+
+
+def read_result(path: Path, schema_name: Optional[str] = None) -> Dict[str, Any]:
+    record = json.loads(Path(path).read_text())
+    if schema_name:
+        validate(record, schema_name)
+    return record
+
+
+def git_commit() -> Dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=REPO_ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+        return {"commit": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": None, "dirty": None, "reason": f"git unavailable: {e}"}
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_info(device) -> Dict[str, Any]:
+    import torch
+
+    info = {"type": device.type, "name": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def provenance(cell: Dict[str, Any], device, wall_s: float) -> Dict[str, Any]:
+    return {
+        "config_hash": cell["config_hash"],
+        "git": git_commit(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "device": device_info(device),
+        "seed": cell["seed"],
+        "wall_s": wall_s,
+    }

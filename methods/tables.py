@@ -1,0 +1,127 @@
+"""Tables computed only from result files: never from in-memory state.
+
+``aggregate`` reads evaluation JSONs (and the ``train.json`` beside each), writes one CSV row
+per (cell, checkpoint) with numbers as numbers, and a Markdown table with accuracies in percent
+and their 95% intervals.  Where a recipe names a published row (``published:`` in the recipe,
+matched against ``paper_tables/published/*.csv`` by dataset and method), the published value is
+set beside the reproduced one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+
+from .results import atomic_write_text, read_result
+
+
+def _pct(m: Optional[Dict[str, Any]]) -> str:
+    if not m or m.get("acc") is None:
+        return "n/a"
+    lo, hi = m["ci95"]
+    return f"{100 * m['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def load_published(paths: List[Path]) -> pd.DataFrame:
+    frames = [pd.read_csv(p).assign(file=p.name) for p in paths if Path(p).exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def published_for(cell: Dict[str, Any], published: pd.DataFrame) -> List[Dict[str, Any]]:
+    """Rows of the published tables a recipe says it reproduces (``published.rows``)."""
+    wanted = (cell.get("published") or {}).get("rows", [])
+    out = []
+    for w in wanted:
+        if published.empty:
+            break
+        hit = published
+        for key, value in w.items():
+            hit = hit[hit[key].astype(str) == str(value)]
+        out += hit.to_dict("records")
+    return out
+
+
+def rows_from_results(eval_paths: List[Path]) -> List[Dict[str, Any]]:
+    rows = []
+    for path in eval_paths:
+        ev = read_result(path, "eval_result.schema.json")
+        train_path = Path(path).parent / "train.json"
+        tr = json.loads(train_path.read_text()) if train_path.exists() else {}
+        cell = ev["cell"]
+        row: Dict[str, Any] = {
+            "dataset": cell["dataset"]["name"], "arch": cell["arch"]["name"],
+            "method": cell["method"], "recipe": cell["recipe"], "seed": cell["seed"],
+            "checkpoint": ev["checkpoint"]["name"], "epoch": ev["checkpoint"]["epoch"],
+            "eps": ev["threat"]["eps"], "norm": ev["threat"]["norm"], "n_test": ev["test_examples"],
+        }
+        for label, m in ev["metrics"].items():
+            row[f"{label}_acc"] = m["acc"]
+            row[f"{label}_ci_low"], row[f"{label}_ci_high"] = m["ci95"]
+        aa = ev.get("autoattack")
+        if aa:
+            row.update({"AutoAttack_acc": aa["acc"], "AutoAttack_ci_low": aa["ci95"][0],
+                        "AutoAttack_ci_high": aa["ci95"][1], "AutoAttack_n": aa["n"],
+                        "AutoAttack_version": aa["version"]})
+            if aa.get("pgd_same_subset"):
+                row["PGD_on_AA_subset_acc"] = aa["pgd_same_subset"]["acc"]
+        if tr:
+            row["co_detected"] = tr["catastrophic_overfitting"]["detected"]
+            row["train_fwd_per_example"] = tr["passes"]["per_example"]["forward"]
+            row["train_bwd_per_example"] = tr["passes"]["per_example"]["backward"]
+            row["train_wall_s"] = tr["provenance"]["wall_s"]
+        row["config_hash"] = cell["config_hash"][:12]
+        row["_metrics"] = ev["metrics"]
+        row["_aa"] = aa
+        row["_cell"] = cell
+        rows.append(row)
+    return rows
+
+
+def aggregate(eval_paths: List[Path], markdown: Path, csv: Path,
+              published: Optional[List[Path]] = None) -> pd.DataFrame:
+    rows = rows_from_results(eval_paths)
+    pub = load_published(published or [])
+    frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    if not frame.empty:
+        frame = frame.sort_values(["dataset", "arch", "method", "recipe", "seed", "checkpoint"])
+    atomic_write_text(csv, frame.to_csv(index=False))
+    atomic_write_text(markdown, render_markdown(rows, pub))
+    return frame
+
+
+def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
+    attack_labels: List[str] = []
+    for r in rows:
+        for label in r["_metrics"]:
+            if label != "clean" and label not in attack_labels:
+                attack_labels.append(label)
+    head = (["dataset", "arch", "method", "recipe", "seed", "ckpt", "clean"] + attack_labels
+            + ["AutoAttack (n)", "fwd+bwd / example", "train s", "CO"])
+    lines = ["Accuracy in % with exact 95% binomial intervals; AutoAttack on a seeded "
+             "class-stratified test subset of n examples (indices in each eval JSON).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    key = lambda r: (r["dataset"], r["arch"], r["method"], r["recipe"], r["seed"], r["checkpoint"])
+    for r in sorted(rows, key=key):
+        aa = r["_aa"]
+        passes = (f"{r['train_fwd_per_example']:.1f}+{r['train_bwd_per_example']:.1f}"
+                  if "train_fwd_per_example" in r else "n/a")
+        cells = [r["dataset"], r["arch"], r["method"], r["recipe"], str(r["seed"]), r["checkpoint"],
+                 _pct(r["_metrics"]["clean"])] + [_pct(r["_metrics"].get(l)) for l in attack_labels]
+        cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run", passes,
+                  f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "n/a",
+                  "yes" if r.get("co_detected") else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    published_lines = []
+    for r in sorted(rows, key=key):
+        for p in published_for(r["_cell"], pub):
+            published_lines.append(
+                f"| {r['recipe']} | {p['paper']} | {p['dataset']} | {p['method']} | "
+                f"{p['attack']} | {p['metric']} | {p['value']} | {p['source']} |")
+    if published_lines:
+        lines += ["", "Published numbers these recipes are set beside (not the same data or "
+                  "budget unless the recipe says so):", "",
+                  "| recipe | paper | dataset | method | attack | metric | value | source |",
+                  "|---|---|---|---|---|---|---|---|"] + sorted(set(published_lines))
+    return "\n".join(lines) + "\n"

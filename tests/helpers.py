@@ -1,0 +1,42 @@
+"""Small models and data shared by the tests (no files, no network)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small conv net with the project's model interface (forward_features + head)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 8,
+                 batchnorm: bool = False) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, 4, 3, padding=1)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(4))
+        layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * size * size, 16), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def toy_batch(n: int = 16, channels: int = 1, size: int = 8, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def make_ctx(model, epoch: int = 0, step: int = 0, steps_per_epoch: int = 10, epochs: int = 2,
+             seed: int = 0):
+    from methods.algorithms.base import StepContext
+    from methods.measure.passes import PassCounter
+
+    return StepContext(epoch=epoch, step_in_epoch=step, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, device=torch.device("cpu"), counter=PassCounter(model),
+                       generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,20 @@
+rule train:
+    """Train one cell.  Resumes from checkpoints/state.pt if a killed run left one."""
+    input:
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.json",
+    output:
+        result=f"{CELL}/train.json",
+        last=f"{CELL}/checkpoints/last.pt",
+        best=f"{CELL}/checkpoints/best.pt",
+    params:
+        cell=cell_config,
+        out_dir=CELL,
+    threads: config["threads"]
+    resources:
+        gpu=1,
+    log:
+        f"{CELL}/logs/train.log",
+    shell:
+        "{PY} -m methods train --cell {params.cell:q} --data-dir {DATA:q} "
+        "--prepared-dir {RESULTS}/data/{wildcards.dataset} --out-dir {params.out_dir:q} "
+        "--result {output.result:q} > {log} 2>&1"
