@@ -19,7 +19,8 @@ def _cmd_prepare(args) -> None:
     spec = json.loads(args.spec)
     manifest = prepare_dataset(args.dataset, spec, Path(args.data_dir), Path(args.out_dir),
                                download=args.download)
-    print(f"prepared {args.dataset}: {json.dumps(manifest.get('sizes', {}))}")
+    sizes = {k: v.get('size') for k, v in manifest.get('splits', {}).items() if isinstance(v, dict)}
+    print(f"prepared {args.dataset}: {sizes}")
 
 
 def _cmd_train(args) -> None:

@@ -140,7 +140,11 @@ def _resolve_extends(name: str, raw: Mapping[str, Any], chain: Tuple[str, ...]) 
         return body
     if parent not in raw:
         raise ConfigError(f"recipe {name!r}: extends unknown recipe {parent!r}")
-    return deep_merge(_resolve_extends(parent, raw, chain + (name,)), body)
+    inherited = _resolve_extends(parent, raw, chain + (name,))
+    if body.get("method", inherited.get("method")) != inherited.get("method"):
+        # method_args belong to a method: a child that switches method starts from none.
+        inherited.pop("method_args", None)
+    return deep_merge(inherited, body)
 
 
 def iter_cells(config: Mapping[str, Any]) -> Iterator[Tuple[str, str, str, str, int]]:

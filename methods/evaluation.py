@@ -28,6 +28,7 @@ from .data import load_dataset
 from .measure import make_meter
 from .results import provenance, read_result, write_result
 from .runtime import cpu_generator, pick_device, seed_everything, set_threads
+from .subsets import stratified_subset
 from .threat import ThreatModel
 from .training import build_cell_model, build_threat, load_weights, to_float
 
@@ -41,28 +42,6 @@ def accuracy_ci(correct: int, total: int) -> Dict[str, Any]:
     ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="exact")
     return {"acc": correct / total, "ci95": [float(ci.low), float(ci.high)],
             "correct": int(correct), "n": int(total)}
-
-
-def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """A seeded, class-stratified draw of ``n`` indices into ``y`` (sorted).
-
-    Each class gets floor(n * share) examples; the remainder goes to the classes with the
-    largest fractional parts (ties by class index).  ``n >= len(y)`` returns everything.
-    """
-    if n >= len(y):
-        return torch.arange(len(y))
-    g = cpu_generator(seed)
-    classes, counts = torch.unique(y, return_counts=True)
-    exact = counts.double() * n / len(y)
-    take = exact.floor().long()
-    remainder = n - int(take.sum())
-    order = torch.argsort(-(exact - take.double()), stable=True)
-    take[order[:remainder]] += 1
-    chosen = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        idx = torch.nonzero(y == c).flatten()
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.sort(torch.cat(chosen)).values
 
 
 def buffers_digest(model: nn.Module) -> str:

@@ -33,6 +33,7 @@ from .registry import METHODS
 from .results import atomic_write, provenance, write_result
 from .runtime import (Precision, autocast, cpu_generator, grad_scaler, pick_device,
                       runtime_summary, seed_everything, set_threads)
+from .subsets import stratified_subset
 from .threat import ThreatModel
 
 STATE_FILE, LAST_FILE, BEST_FILE = "state.pt", "last.pt", "best.pt"
@@ -165,10 +166,10 @@ class Monitor:
 def build_monitor(cell, bundle: DatasetBundle, threat: ThreatModel, device) -> Monitor:
     spec = cell["train"].get("monitor", {})
     n = int(spec.get("n", 256))
-    if len(bundle.val.y) > 0:
-        x, y, source = bundle.val.x[:n], bundle.val.y[:n], f"val[:{n}]"
-    else:  # locuslab's early-stop check uses a fixed training batch when there is no val split
-        x, y, source = bundle.train.x[:n], bundle.train.y[:n], f"train[:{n}]"
+    split, name = (bundle.val, "val") if len(bundle.val.y) > 0 else (bundle.train, "train")
+    # Without a validation split, locuslab's early-stop check uses a fixed training batch.
+    idx = stratified_subset(split.y, n, int(cell["seed"]))
+    x, y, source = split.x[idx], split.y[idx], f"{name}: stratified {len(idx)} (seed {cell['seed']})"
     alpha = float(spec.get("alpha", threat.eps / 4))
     return Monitor(to_float(x, device), y.to(device), source, threat,
                    int(spec.get("steps", 10)), alpha, int(cell["seed"]))

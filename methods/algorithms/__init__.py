@@ -1,2 +1,2 @@
 """Training methods; importing this package registers every method in ``METHODS``."""
-from . import base, standard, fgsm_rs, nfgsm, pgd_at  # noqa: F401
+from . import base, standard, fgsm_rs, nfgsm, pgd_at, bb, selective  # noqa: F401

@@ -1,0 +1,376 @@
+"""AutoAttack evaluation through the pinned reference package ``pyautoattack`` (0.2.0).
+
+AutoAttack: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690.  The project never
+re-implements it: this module is the one seam between advrepro and the package.
+
+Facts about ``pyautoattack`` 0.2.0 this adapter relies on (read from its source):
+
+* ``AutoAttack(model, *, attacks=None, device='cpu', eps=0.3, norm='Linf'|'L2'|'L1', seed=None,
+  version='standard'|'plus'|'rand'|'custom')``.  ``attacks`` is only accepted with
+  ``version='custom'`` (any other version raises ``ValueError``).  ``seed=None`` means
+  ``time.time()``; an integer seed is handed to every sub-attack, which calls
+  ``torch.random.manual_seed(seed)`` (and the CUDA one) before it starts.
+* ``run_standard_evaluation(x, y, /, *, batch_size=250, state_path=None)`` returns
+  ``(x_adv, y_adv)`` only.  The cumulative robust accuracy after each attack lives in a local dict
+  ``{'clean': acc, attack: acc, ...}`` that is logged at DEBUG level (as a rounded percentage)
+  and passed once to ``checks.check_square_sr``; attacks after the robust set becomes empty are
+  skipped and missing from it.
+* The checks (randomized defense, probability outputs, dynamic defense, number of classes, zero
+  gradients inside APGD-DLR/-T, Square Attack success) call ``logger.warning`` on the
+  ``logging.getLogger('auto-attack')`` logger; they fall back to ``warnings.warn`` only when no
+  logger is given, which AutoAttack never does.  The sub-attacks run with ``verbose=False``, so
+  nothing is printed.
+* It never calls ``model.eval()``.  FAB back-propagates with ``.backward()``, which would
+  accumulate gradients in the model's parameters.
+* ``checks.check_dynamic`` counts calls in a module-level dict that it never resets (one dynamic
+  model makes every later run warn) and ends with ``sys.settrace(None)`` (which switches off a
+  debugger's or coverage's tracer).
+
+What the adapter adds: eval mode for the run (every submodule's own mode restored afterwards),
+frozen parameters (restored), input validation, a forked and seeded torch RNG (the caller's RNG
+stream is untouched), the package's log and check warnings captured, and independent checks of
+the output: the eps-ball in the chosen norm, the [0, 1] box, and ``robust`` recomputed from the
+model's own predictions on ``x_adv``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import math
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+from unittest import mock
+
+import torch
+from torch import nn
+
+from .threat import Norm, ThreatModel
+
+import pyautoattack
+from pyautoattack import autoattack as _aa_module
+from pyautoattack import checks as _aa_checks
+
+PACKAGE = "pyautoattack"
+PINNED_VERSION = "0.2.0"
+#: The package's logger name (``AutoAttack.__init__``).
+PACKAGE_LOGGER = "auto-attack"
+#: AutoAttack versions the package knows; ``custom`` needs ``attacks``.
+VERSIONS = ("standard", "plus", "rand", "custom")
+#: Attack names the package accepts in ``attacks`` (its ``AttackName`` literal).
+ATTACK_NAMES = tuple(typing.get_args(_aa_module.AttackName))
+#: Our norm names -> the package's.
+_PACKAGE_NORM = {Norm.LINF: "Linf", Norm.L2: "L2"}
+#: Slack allowed on the eps-ball check (float32 rounding of x + delta).
+EPS_TOLERANCE = 1e-6
+
+log = logging.getLogger(__name__)
+
+
+class AutoAttackCheckError(RuntimeError):
+    """The package's output failed one of the adapter's independent checks."""
+
+
+@dataclass(frozen=True)
+class AutoAttackResult:
+    """Outcome of one AutoAttack run.
+
+    ``x_adv``: same shape, dtype and device as ``x``, in [0, 1], within eps of ``x``; points the
+    package did not break are returned unchanged.  ``robust``: bool (N,), recomputed by the
+    adapter from the model's predictions on ``x_adv`` in eval mode.  ``per_attack``: the
+    package's cumulative robust accuracy, ``{'clean': ..., '<attack>': ...}`` in run order
+    (attacks skipped because nothing robust was left are absent).  ``warnings``: the package's
+    check warnings (deduplicated, in order), plus an ``adapter:`` note if the package's final
+    robust accuracy disagrees with the recomputed one (a randomized model, typically).
+    """
+
+    x_adv: torch.Tensor
+    robust: torch.Tensor
+    robust_accuracy: float
+    per_attack: dict
+    warnings: list
+    package: str
+    package_version: str
+    version: str
+    norm: str
+    eps: float
+    seed: int
+    attacks: list
+    batch_size: int = 500
+    n_examples: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_examples", int(self.robust.numel()))
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary: every field except the tensors."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("x_adv", "robust")}
+        out["per_attack"] = {str(k): float(v) for k, v in self.per_attack.items()}
+        out["warnings"] = [str(w) for w in self.warnings]
+        out["attacks"] = [str(a) for a in self.attacks]
+        return out
+
+
+def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                   version: str = "standard", seed: int = 0, batch_size: int = 500,
+                   attacks: Optional[Sequence[str]] = None,
+                   device: Union[torch.device, str, None] = None,
+                   log_path: Union[str, Path, None] = None) -> AutoAttackResult:
+    """Run AutoAttack (``pyautoattack`` 0.2.0) on ``model`` at ``x, y`` and check its output.
+
+    ``model`` maps (N, C, H, W) images in [0, 1] to logits (normalisation inside the model).
+    ``norm``: ``'linf'`` or ``'l2'``; ``eps`` > 0 in that norm.  ``version``: ``'standard'``
+    (APGD-CE, APGD-T, FAB-T, Square), ``'plus'``, ``'rand'`` (APGD-CE and APGD-DLR with EOT over
+    20 draws, for randomized defenses) or ``'custom'``, which requires ``attacks`` (a subset of
+    :data:`ATTACK_NAMES`, run in the given order); ``attacks`` with any other version is an error.
+    ``seed`` is passed to the package and seeds torch inside a forked RNG.  ``device``: where the
+    package runs the model (default: the device of the model's parameters, else ``x.device``).
+    ``log_path``: if given, the package's full log (DEBUG level) is written there.
+
+    The model is in eval mode, with parameters frozen, for the run; both are restored afterwards.
+    Raises ``ValueError`` for invalid arguments or inputs outside [0, 1] and
+    :class:`AutoAttackCheckError` if ``x_adv`` leaves the eps-ball or [0, 1].
+    """
+    package_version = _package_version()
+    threat = ThreatModel(_norm(norm), _eps(eps))
+    attacks_arg = _attacks(version, attacks)
+    _check_inputs(x, y)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = torch.device(device) if device is not None else _model_device(model, x)
+    x = x.detach()
+    y = y.detach()
+
+    records: list[logging.LogRecord] = []
+    reported: dict = {}
+    with _eval_and_frozen(model), _seeded(seed, device), \
+            _package_log(records, log_path), _report_hook(reported), _tracer_kept():
+        _reset_dynamic_check_counts()
+        adversary = pyautoattack.AutoAttack(
+            model, attacks=attacks_arg, device=device, eps=threat.eps,
+            norm=_PACKAGE_NORM[threat.norm], seed=seed, version=version)
+        run_attacks = list(adversary.attacks_to_run)
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        robust = _predict(model, x_adv, device, batch_size).to(y.device) == y
+
+    _check_output(x, x_adv, threat)
+    robust_accuracy = robust.float().mean().item()
+    warnings = _dedupe(r.getMessage() for r in records if r.levelno >= logging.WARNING)
+    if reported:
+        last = list(reported.values())[-1]
+        if not math.isclose(last, robust_accuracy, abs_tol=1e-9):
+            warnings.append(f"adapter: the package reported robust accuracy {last:.6f} after its"
+                            f" last attack, but the model's predictions on x_adv give"
+                            f" {robust_accuracy:.6f} (is the model randomized?)")
+    for message in warnings:
+        log.warning("AutoAttack: %s", message)
+    return AutoAttackResult(
+        x_adv=x_adv, robust=robust, robust_accuracy=robust_accuracy, per_attack=dict(reported),
+        warnings=warnings, package=PACKAGE, package_version=package_version, version=version,
+        norm=threat.norm.value, eps=float(threat.eps), seed=seed, attacks=run_attacks,
+        batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _package_version() -> str:
+    found = importlib.metadata.version(PACKAGE)
+    if found != PINNED_VERSION:
+        raise RuntimeError(f"{PACKAGE}=={found} is installed but the adapter is written against the"
+                           f" pinned {PINNED_VERSION}; re-read the package and update the adapter")
+    return found
+
+
+def _norm(norm: str) -> Norm:
+    try:
+        return Norm(str(norm).lower())
+    except ValueError:
+        raise ValueError(f"norm must be one of {[n.value for n in Norm]}, got {norm!r}") from None
+
+
+def _eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _attacks(version: str, attacks: Optional[Sequence[str]]) -> Optional[list]:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {list(VERSIONS)}, got {version!r}")
+    if version != "custom":
+        if attacks is not None:
+            raise ValueError(f"attacks={list(attacks)!r} needs version='custom' (version"
+                             f" {version!r} fixes its own attacks)")
+        return None
+    if isinstance(attacks, str) or not attacks:
+        raise ValueError(f"version='custom' needs a non-empty list of attacks, got {attacks!r}")
+    attacks = list(attacks)
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}; {PACKAGE} knows {list(ATTACK_NAMES)}")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"attacks must not repeat, got {attacks}")
+    return attacks
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError("x must be a float tensor of shape (N, C, H, W), got "
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] == 0:
+        raise ValueError("x is empty")
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() \
+            or y.dtype == torch.bool:
+        raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"x must lie in [0, 1] (pixel space; normalisation belongs inside the"
+                         f" model), got min={lo:.6g}, max={hi:.6g}")
+
+
+def _check_output(x: torch.Tensor, x_adv: torch.Tensor, threat: ThreatModel) -> None:
+    if x_adv.shape != x.shape:
+        raise AutoAttackCheckError(f"x_adv has shape {tuple(x_adv.shape)}, x {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise AutoAttackCheckError("x_adv contains NaN or infinite values")
+    lo, hi = x_adv.min().item(), x_adv.max().item()
+    if lo < 0.0 or hi > 1.0:
+        raise AutoAttackCheckError(f"x_adv leaves [0, 1]: min={lo:.6g}, max={hi:.6g}")
+    dist = threat.distance(x_adv.double() - x.double())
+    worst = dist.max().item()
+    if worst > threat.eps + EPS_TOLERANCE:
+        n_out = int((dist > threat.eps + EPS_TOLERANCE).sum())
+        raise AutoAttackCheckError(f"x_adv leaves the {threat.norm.value} ball of radius"
+                                   f" {threat.eps}: max distance {worst:.8g} ({n_out} points)")
+
+
+# ----------------------------------------------------------------------------- run context
+
+def _model_device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return x.device
+
+
+@contextlib.contextmanager
+def _eval_and_frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``requires_grad=False`` parameters; every module's and parameter's own
+    setting is restored (a mixed-mode model stays mixed).  Freezing keeps FAB's ``.backward()``
+    from writing into ``param.grad`` and saves the parameter gradients' compute."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for the run inside a forked RNG, so the caller's RNG stream is untouched."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _package_log(records: list, log_path: Union[str, Path, None]) -> Iterator[None]:
+    """Collect the package's log records (and write them to ``log_path``) instead of letting
+    them reach the root handlers, where DEBUG floods and warnings print and are lost."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    saved = (logger.level, logger.propagate)
+    handlers: list[logging.Handler] = [_Collect(records)]
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_path, mode="w")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.append(file_handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+@contextlib.contextmanager
+def _report_hook(reported: dict) -> Iterator[None]:
+    """Record the package's per-attack robust accuracies.  The only place that dict leaves
+    ``run_standard_evaluation`` is its single call to ``checks.check_square_sr``, which the
+    package looks up at call time; wrap it, copy the dict, call the original."""
+    original = _aa_checks.check_square_sr
+
+    def wrapped(acc_dict, *args, **kwargs):
+        reported.clear()
+        reported.update((str(k), float(v)) for k, v in acc_dict.items())
+        return original(acc_dict, *args, **kwargs)
+
+    with mock.patch.object(_aa_checks, "check_square_sr", wrapped):
+        yield
+
+
+@contextlib.contextmanager
+def _tracer_kept() -> Iterator[None]:
+    """``checks.check_dynamic`` ends with ``sys.settrace(None)``; put the caller's tracer back."""
+    tracer = sys.gettrace()
+    try:
+        yield
+    finally:
+        sys.settrace(tracer)
+
+
+def _reset_dynamic_check_counts() -> None:
+    """The dynamic-defense check never resets its call counts; zero them so each run is judged
+    on its own model."""
+    for name in _aa_checks.funcs:
+        _aa_checks.funcs[name] = 0
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(dim=1)
+                      for i in range(0, x.shape[0], batch_size)])
+
+
+def _dedupe(messages) -> list:
+    seen: dict = {}
+    for m in messages:
+        seen.setdefault(m, None)
+    return list(seen)

@@ -1,0 +1,113 @@
+"""Tiny dataset files in the exact on-disk formats torchvision reads.
+
+Each writer puts its files under ``root`` where the real dataset would live, and returns
+``(table, arrays)``: ``table`` maps each path relative to ``root`` to its md5 (to monkeypatch
+``methods.data.sources.OFFICIAL_CHECKSUMS``), ``arrays`` holds what was written, in the layout the
+loader must produce (uint8 ``N x C x H x W`` images, int64 labels).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+Arrays = Dict[str, np.ndarray]
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _images(rng: np.random.Generator, n: int, c: int, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, c, h, w), dtype=np.uint8)
+
+
+def _labels(rng: np.random.Generator, n: int, num_classes: int) -> np.ndarray:
+    """Balanced labels (n must be a multiple of num_classes), shuffled."""
+    return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+
+
+def write_cifar(root: Path, num_classes: int = 10, per_batch: int = 10, n_test: int = 20,
+                seed: int = 0) -> Tuple[Dict[str, str], Arrays]:
+    """CIFAR-10 (``cifar-10-batches-py``: data_batch_1..5, test_batch, batches.meta) or CIFAR-100
+    (``cifar-100-python``: train, test, meta with ``fine_labels``): pickled dicts (protocol 2, as
+    the originals) whose ``data`` is ``N x 3072`` uint8 in channel-major (R, G, B planes) order."""
+    rng = np.random.default_rng(seed)
+    c10 = num_classes == 10
+    folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if c10 else "fine_labels"
+
+    def dump(name: str, x: np.ndarray, y: np.ndarray) -> None:
+        entry = {"batch_label": name, label_key: y.tolist(), "data": x.reshape(len(x), -1),
+                 "filenames": [f"img_{i}.png" for i in range(len(x))]}
+        if not c10:
+            entry["coarse_labels"] = (y // 5).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    train_names = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
+    n_train = per_batch * (5 if c10 else 1)
+    x_train, y_train = _images(rng, n_train, 3, 32, 32), _labels(rng, n_train, num_classes)
+    for i, name in enumerate(train_names):
+        sl = slice(i * per_batch, (i + 1) * per_batch) if c10 else slice(None)
+        dump(name, x_train[sl], y_train[sl])
+    x_test, y_test = _images(rng, n_test, 3, 32, 32), _labels(rng, n_test, num_classes)
+    dump("test_batch" if c10 else "test", x_test, y_test)
+    names = [f"class{i}" for i in range(num_classes)]
+    meta = {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072} if c10 else \
+        {"fine_label_names": names, "coarse_label_names": [f"super{i}" for i in range(20)]}
+    meta_name = "batches.meta" if c10 else "meta"
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    table = {f"{folder.name}/{p.name}": md5(p) for p in folder.iterdir()}
+    return table, {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def write_svhn(root: Path, n_train: int = 30, n_test: int = 20, seed: int = 0) -> Tuple[Dict[str, str], Arrays]:
+    """``svhn/{train,test}_32x32.mat``: ``X`` is H x W x C x N uint8, ``y`` is N x 1 with 10 for digit 0."""
+    from scipy.io import savemat
+    rng = np.random.default_rng(seed)
+    folder = root / "svhn"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: Arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = _images(rng, n, 3, 32, 32)
+        y = _labels(rng, n, 10)
+        mat_y = np.where(y == 0, 10, y).astype(np.uint8).reshape(-1, 1)
+        savemat(folder / f"{split}_32x32.mat", {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)), "y": mat_y})
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return {f"svhn/{p.name}": md5(p) for p in folder.iterdir()}, out
+
+
+def _idx(magic: int, dims: Tuple[int, ...], payload: np.ndarray) -> bytes:
+    return struct.pack(">" + "I" * (1 + len(dims)), magic, *dims) + payload.astype(np.uint8).tobytes()
+
+
+def write_mnist(root: Path, n_train: int = 30, n_test: int = 20, gz: bool = True,
+                seed: int = 0) -> Tuple[Dict[str, str], Arrays]:
+    """``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``: big-endian idx headers (magic
+    2051 for images with N, 28, 28; 2049 for labels with N) followed by uint8 data.  With ``gz``
+    the gzipped archives are written beside them, as a torchvision download leaves them."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out: Arrays = {}
+    table: Dict[str, str] = {}
+    for prefix, split, n in (("train", "train", n_train), ("t10k", "test", n_test)):
+        x = _images(rng, n, 1, 28, 28)
+        y = _labels(rng, n, 10)
+        files = {f"{prefix}-images-idx3-ubyte": _idx(2051, (n, 28, 28), x),
+                 f"{prefix}-labels-idx1-ubyte": _idx(2049, (n,), y)}
+        for name, content in files.items():
+            (raw / name).write_bytes(content)
+            if gz:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
+                table[f"MNIST/raw/{name}.gz"] = md5(raw / f"{name}.gz")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return table, out
