@@ -229,8 +229,8 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError("x is empty")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() \
             or y.dtype == torch.bool:
-        raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got "
-                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        got = f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+        raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {got}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
     lo, hi = x.min().item(), x.max().item()
@@ -364,7 +364,8 @@ def _reset_dynamic_check_counts() -> None:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+def _predict(model: nn.Module, x: torch.Tensor, device: torch.device,
+             batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size].to(device)).argmax(dim=1)
                       for i in range(0, x.shape[0], batch_size)])
 

@@ -243,8 +243,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
                 row = _run_epoch(model, method, loader, optimizer, scheduler, scaler, counter,
                                  device, precision, channels_last, gens["method"], epoch, epochs)
                 row.update(monitor(model))
-            prev = max((h["pgd_acc"] for h in history), default=None)
-            row["catastrophic_overfitting"] = prev is not None and row["pgd_acc"] < prev - co_drop
+            row["catastrophic_overfitting"] = is_catastrophic_overfitting(history, row, co_drop)
             row["stopped_early"] = bool(row["catastrophic_overfitting"] and stop_on_co)
             history.append(row)
             if row["pgd_acc"] > best["pgd_acc"] and not row["catastrophic_overfitting"]:
@@ -290,6 +289,17 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         "provenance": provenance(cell, device, time.time() - started),
     }
     return write_result(result_path, record, "train_result.schema.json")
+
+
+def is_catastrophic_overfitting(history: List[Dict[str, Any]], row: Dict[str, Any],
+                                drop: float) -> bool:
+    """Robust accuracy fell more than ``drop`` (absolute) below the best earlier epoch.
+
+    locuslab's FGSM-RS early stop compares with the previous epoch; comparing with the best
+    earlier epoch also catches a collapse spread over several epochs.
+    """
+    best_before = max((h["pgd_acc"] for h in history), default=None)
+    return best_before is not None and row["pgd_acc"] < best_before - drop
 
 
 def _run_epoch(model, method, loader, optimizer, scheduler, scaler, counter, device, precision,

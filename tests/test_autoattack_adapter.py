@@ -26,6 +26,15 @@ N, SHAPE, N_CLASSES = 8, (1, 8, 8), 10
 D = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: a second intra-op thread only adds contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def images(seed: int = 0, lo: float = 0.4, hi: float = 0.6) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return lo + (hi - lo) * torch.rand(N, *SHAPE, generator=g)
@@ -93,7 +102,8 @@ def small_net() -> nn.Module:
 
 
 def check_result(res: AutoAttackResult, model, x, y, norm: str, eps: float) -> None:
-    assert res.x_adv.shape == x.shape and res.robust.shape == (N,) and res.robust.dtype == torch.bool
+    assert res.x_adv.shape == x.shape
+    assert res.robust.shape == (N,) and res.robust.dtype == torch.bool
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     assert ThreatModel(norm, eps).distance(res.x_adv - x).max() <= eps + 1e-6
     with torch.no_grad():
@@ -105,18 +115,22 @@ def check_result(res: AutoAttackResult, model, x, y, norm: str, eps: float) -> N
 
 # ----------------------------------------------------------------------------- known margins
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_standard_keeps_points_below_the_margin(norm):
+@pytest.mark.parametrize("norm, version, attacks", [
+    ("linf", "standard", None),                        # the one full standard run (~4 CPU s)
+    ("l2", "custom", ["apgd-ce", "apgd-t", "fab-t"]),  # standard minus Square's 5000 queries
+])
+def test_no_point_is_broken_below_the_margin(norm, version, attacks):
     x = images()
     model, y, dist = margin_model(x)
     eps = 0.5 * dist[norm].min().item()
-    res = run_autoattack(model, x, y, norm=norm, eps=eps, seed=0)
+    res = run_autoattack(model, x, y, norm=norm, eps=eps, version=version, attacks=attacks, seed=0)
     check_result(res, model, x, y, norm, eps)
     assert res.robust.all() and res.robust_accuracy == 1.0
-    assert res.attacks == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert res.per_attack == {"clean": 1.0, "apgd-ce": 1.0, "apgd-t": 1.0, "fab-t": 1.0,
-                              "square": 1.0}
+    run = ["apgd-ce", "apgd-t", "fab-t", "square"] if attacks is None else attacks
+    assert res.attacks == run and res.version == version
+    assert res.per_attack == {"clean": 1.0, **{a: 1.0 for a in run}}
     assert torch.equal(res.x_adv, x)
+    assert res.warnings == []
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -140,7 +154,8 @@ def test_constant_model_keeps_its_clean_accuracy_and_zero_gradients_are_reported
     x = images(lo=0.0, hi=1.0)
     model = Constant().eval()
     y = torch.tensor([9, 9, 9, 9, 0, 1, 2, 3])  # the model always says 9: clean accuracy 1/2
-    res = run_autoattack(model, x, y, norm="linf", eps=8 / 255, seed=0)
+    res = run_autoattack(model, x, y, norm="linf", eps=8 / 255, version="custom",
+                         attacks=["apgd-ce", "apgd-t"], seed=0)
     check_result(res, model, x, y, "linf", 8 / 255)
     assert res.robust.tolist() == [True] * 4 + [False] * 4
     assert res.robust_accuracy == 0.5
@@ -154,16 +169,15 @@ def test_constant_model_keeps_its_clean_accuracy_and_zero_gradients_are_reported
 
 def test_eval_mode_for_the_run_and_every_module_mode_restored():
     model = small_net()
-    model.train()
-    model[4].eval()  # a mixed-mode model must stay mixed
-    before = [m.training for m in model.modules()]
-    seen = []
-    model.register_forward_pre_hook(lambda m, inp: seen.append(any(s.training for s in m.modules())))
     x = images(lo=0.0, hi=1.0)
     with torch.no_grad():
         y = model.eval()(x).argmax(1)
     model.train()
-    model[4].eval()
+    model[4].eval()  # a mixed-mode model must stay mixed
+    before = [m.training for m in model.modules()]
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, inp: seen.append(any(s.training for s in m.modules())))
     res = run_autoattack(model, x, y, norm="linf", eps=4 / 255, version="custom",
                          attacks=["apgd-ce"], seed=0)
     assert seen and not any(seen)
@@ -177,13 +191,14 @@ def test_eval_mode_for_the_run_and_every_module_mode_restored():
 def test_same_seed_same_result_and_caller_rng_untouched():
     x = images()
     base, y, dist = margin_model(x)
-    model = Noisy(base, sigma=0.05)  # randomness inside the model as well as in the attack
+    model = Noisy(base, sigma=0.5)  # randomness inside the model as well as in the attack
     eps = dist["linf"].median().item()
     kwargs = dict(norm="linf", eps=eps, version="custom", attacks=["apgd-ce"])
     torch.manual_seed(123)
     state = torch.get_rng_state()
     a = run_autoattack(model, x, y, seed=7, **kwargs)
     assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(456)  # the caller's RNG state must not matter, only ``seed``
     b = run_autoattack(model, x, y, seed=7, **kwargs)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.robust, b.robust)
     assert a.per_attack == b.per_attack and a.seed == 7
@@ -234,7 +249,7 @@ def test_dynamic_check_is_judged_per_run():
     assert any("dynamic defense" in w for w in dyn.warnings)
     plain = run_autoattack(base, x, y, **kwargs)  # the package's counts would leak into this run
     assert not any("dynamic defense" in w for w in plain.warnings)
-    assert not any(aa_checks.funcs.values()) or True
+    assert not any(aa_checks.funcs.values())
 
 
 # ----------------------------------------------------------------------------- own checks
