@@ -122,7 +122,7 @@ def evaluate_cell(train_result_path: Path, checkpoint: str, data_dir: Path, prep
         raise AssertionError("test inputs leave [0, 1]")
 
     metrics: Dict[str, Any] = {}
-    with meter.window("evaluate"):
+    with meter.window("run"), meter.window("evaluate"):
         with meter.window("clean"):
             metrics["clean"] = accuracy_ci(int((predict(model, x_all, bs) == y_all).sum()), len(y_all))
         for spec in ecfg.get("attacks", []):

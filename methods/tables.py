@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
+from .config import ConfigError, number
 from .results import atomic_write_text, read_result
 
 
@@ -29,17 +30,33 @@ def load_published(paths: List[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+# How the published CSVs spell the datasets a cell may use.
+PUBLISHED_DATASET = {"mnist5k": "MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
+                     "cifar100": "CIFAR-100", "svhn": "SVHN"}
+
+
 def published_for(cell: Dict[str, Any], published: pd.DataFrame) -> List[Dict[str, Any]]:
-    """Rows of the published tables a recipe says it reproduces (``published.rows``)."""
+    """Published rows a recipe says it reproduces (``published.rows``), restricted to the
+    cell's dataset and, where the row states one, its epsilon."""
     wanted = (cell.get("published") or {}).get("rows", [])
+    if published.empty or not wanted:
+        return []
+    dataset = PUBLISHED_DATASET.get(cell["dataset"].get("source", ""), "")
+    eps = float(cell["threat"]["eps"])
     out = []
     for w in wanted:
-        if published.empty:
-            break
         hit = published
         for key, value in w.items():
             hit = hit[hit[key].astype(str) == str(value)]
-        out += hit.to_dict("records")
+        for row in hit.to_dict("records"):
+            if str(row.get("dataset", "")).split(" (")[0].strip() != dataset:
+                continue  # e.g. "CIFAR-10 (inferred; ...)" counts as CIFAR-10
+            try:
+                row_eps = number(str(row.get("eps")), "published eps")
+            except ConfigError:
+                row_eps = None  # 'n/a' or a range: no epsilon to compare
+            if row_eps is None or abs(row_eps - eps) < 1e-9:
+                out.append(row)
     return out
 
 

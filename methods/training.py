@@ -13,6 +13,7 @@ evaluation reads; every number downstream names which one it came from.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -187,6 +188,9 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     precision = Precision(runtime.get("amp") or "fp32")
     seed = int(cell["seed"])
     seed_everything(seed)
+    meter = make_meter(meter_backend or runtime.get("meter") or "auto", device=device)
+    run_window = contextlib.ExitStack()
+    run_window.enter_context(meter.window("run"))  # closed before the meter is summarised
 
     tcfg = cell["train"]
     epochs = int(tcfg["epochs"])
@@ -213,7 +217,6 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     scaler = grad_scaler(device, precision)
     monitor = build_monitor(cell, bundle, threat, device)
     counter = PassCounter(model)
-    meter = make_meter(meter_backend or runtime.get("meter") or "auto", device=device)
 
     state = _load_state(ckpt_dir / STATE_FILE, cell["config_hash"])
     history: List[Dict[str, Any]] = []
@@ -261,6 +264,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     _save(ckpt_dir / LAST_FILE, {"model": model.state_dict(), "epoch": history[-1]["epoch"]})
     if best["epoch"] is None:  # every epoch after the first was flagged: best = first epoch
         best = {"epoch": history[0]["epoch"], "pgd_acc": history[0]["pgd_acc"]}
+    run_window.close()
     meter_summary = meter.summary()
     meter.close()
     counter.detach()

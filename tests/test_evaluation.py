@@ -64,3 +64,18 @@ def test_evaluation_record_is_guarded_and_complete(trained, checkpoint):
     # The same examples under PGD: a correct AutoAttack is at least as strong as PGD.
     assert aa["acc"] <= aa["pgd_same_subset"]["acc"] + 1e-12
     assert aa["package"] == "pyautoattack"
+
+
+def test_published_rows_match_dataset_and_eps_exactly():
+    from pathlib import Path
+
+    from methods.config import REPO_ROOT
+    from methods.tables import load_published, published_for
+
+    pub = load_published([REPO_ROOT / "paper_tables/published/bb_nfgsm_fgsmrs_pgd_selective.csv"])
+    rows = [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]
+    cell = {"dataset": {"source": "cifar10"}, "threat": {"eps": 8 / 255}, "published": {"rows": rows}}
+    got = {(r["dataset"], r["value"]) for r in published_for(cell, pub)}
+    assert got == {("CIFAR-10", "81.64"), ("CIFAR-10", "49.51")}  # not CIFAR-100's rows
+    cell["threat"]["eps"] = 2 / 255
+    assert published_for(cell, pub) == []

@@ -123,7 +123,7 @@ def test_train_result_is_schema_valid_and_records_passes_and_provenance(mnist5k_
     assert on_disk["passes"]["per_example"] == {"forward": 5.0, "backward": 5.0}
     assert on_disk["provenance"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert on_disk["checkpoints"]["best"]["selected_by"].startswith("monitor pgd_acc")
-    assert {r["path"] for r in on_disk["measurement"]["records"]} >= {"train", "train/epoch_000"}
+    assert {r["path"] for r in on_disk["measurement"]["records"]} >= {"run", "run/train", "run/train/epoch_000"}
     broken = json.loads(json.dumps(on_disk))
     broken["history"][0]["pgd_acc"] = "0.5"
     with pytest.raises(ValueError, match="history/0/pgd_acc"):
