@@ -43,7 +43,7 @@ def cell_config(w):
         raise ValueError(f"unknown recipe {w.recipe!r} in path; known: {sorted(RECIPES)}")
     if recipe["method"] != w.method:
         raise ValueError(f"recipe {w.recipe!r} is method {recipe['method']!r}, not {w.method!r}")
-    return json.dumps(resolve_cell(config, w.dataset, w.arch, w.recipe, int(w.seed)))
+    return json.dumps(resolve_cell(config, w.dataset, w.arch, w.recipe, int(w.seed), RECIPES))
 
 
 def all_evaluations():

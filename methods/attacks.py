@@ -63,7 +63,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
 
     ``target``: if given, a targeted attack towards these classes (success = predicting them);
     otherwise untargeted against ``y``.  ``early_stop``: stop moving an example once it is
-    fooled (locuslab's evaluation); training attacks (Madry) leave it off.
+    fooled (locuslab's evaluation), and compute only the rows still moving; use it only with
+    the model in eval mode (in train mode BatchNorm would see a different batch).  Training
+    attacks (Madry) leave it off.
     """
     if steps < 0 or restarts < 1:
         raise ValueError(f"pgd needs steps >= 0 and restarts >= 1, got {steps}, {restarts}")
@@ -77,15 +79,23 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
             delta = clamp_to_image(x, threat.random_start(x, generator=generator))
         else:
             delta = torch.zeros_like(x)
+        active = torch.arange(x.shape[0], device=x.device)  # rows still being attacked
         for _ in range(steps):
-            logits, grad = logits_and_gradient(model, x, delta, goal, targeted=targeted)
-            stepped = clamp_to_image(x, threat.project(threat.ascent(delta, grad, alpha)))
             if early_stop:
-                active = ~_fooled(logits, y, target)
-                if not active.any():
+                # Only examples the current delta does not fool move on (and are computed:
+                # the model is in eval mode here, so rows do not interact).
+                xa, da, ga = x[active], delta[active], goal[active]
+                logits, grad = logits_and_gradient(model, xa, da, ga, targeted=targeted)
+                keep = ~_fooled(logits, y[active], target[active] if targeted else None)
+                stepped = clamp_to_image(xa, threat.project(threat.ascent(da, grad, alpha)))
+                delta = delta.clone()
+                delta[active[keep]] = stepped[keep]
+                active = active[keep]
+                if active.numel() == 0:
                     break
-                stepped = torch.where(_rows(active, x), stepped, delta)
-            delta = stepped
+            else:
+                _, grad = logits_and_gradient(model, x, delta, goal, targeted=targeted)
+                delta = clamp_to_image(x, threat.project(threat.ascent(delta, grad, alpha)))
         if restarts == 1:
             return (x + delta).detach()  # nothing to compare against: skip the scoring forward
         with torch.no_grad():

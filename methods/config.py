@@ -173,9 +173,12 @@ def _check_known(config, recipes, dataset, arch, recipe, where) -> None:
 
 
 def resolve_cell(config: Mapping[str, Any], dataset: str, arch: str, recipe: str,
-                 seed: int) -> Dict[str, Any]:
-    """The complete, self-contained description of one cell (what train/evaluate consume)."""
-    recipes = load_recipes(config)
+                 seed: int, recipes: Mapping[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
+    """The complete, self-contained description of one cell (what train/evaluate consume).
+
+    ``recipes``: the result of :func:`load_recipes` for ``config``, when the caller has it.
+    """
+    recipes = load_recipes(config) if recipes is None else recipes
     _check_known(config, recipes, dataset, arch, recipe, where="cell")
     body = recipes[recipe]
     for field in ("method", "threat", "train"):

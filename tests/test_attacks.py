@@ -113,3 +113,25 @@ def test_pgd_matches_a_straightforward_pgd_on_a_trained_model():
     assert clean > 0.9
     assert acc_ours < clean - 0.2, "the attack should actually hurt"
     assert abs(acc_ours - acc_ref) <= 0.03  # same random start and steps: identical up to ties
+
+
+def test_early_stop_computes_only_unfooled_rows_and_keeps_fooling_deltas():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x, y = toy_batch(64)
+    t = ThreatModel("linf", 0.2)
+    sizes = []
+    handle = model.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    x_adv = pgd(model, x, y, t, alpha=0.05, steps=8, early_stop=True,
+                generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert sizes[0] == 64 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 64
+    with torch.no_grad():
+        fooled_es = model(x_adv).argmax(1) != y
+    assert (t.distance(x_adv - x) <= 0.2 + 1e-6).all()
+    # An example fooled at some step stays fooled: early stop never gives up a success.
+    plain = pgd(model, x, y, t, alpha=0.05, steps=8, early_stop=False,
+                generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fooled_plain = model(plain).argmax(1) != y
+    assert fooled_es.sum() >= fooled_plain.sum()

@@ -74,6 +74,7 @@ def test_shipped_configs_resolve_every_cell(name):
     path = REPO_ROOT / "workflow" / "config" / name
     config = load_yaml(path)
     cells = list(iter_cells(config))
+    recipes = load_recipes(config)
     assert cells
     for d, a, m, r, s in cells:
-        assert resolve_cell(config, d, a, r, s)["method"] == m
+        assert resolve_cell(config, d, a, r, s, recipes)["method"] == m
