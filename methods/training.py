@@ -201,6 +201,9 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     channels_last = bool(runtime.get("channels_last"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    compiled = bool(runtime.get("compile"))
+    if compiled:
+        model.compile()  # in place: same module, state_dict keys and hooks; slow first steps
     method = METHODS.get(cell["method"])(threat=threat, **cell.get("method_args", {}))
 
     augmentation = cell["augmentation"]
@@ -275,7 +278,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         "cell": cell,
         "method": method.describe(),
         "data": bundle.meta,
-        "runtime": runtime_summary(device, precision, channels_last, False),
+        "runtime": runtime_summary(device, precision, channels_last, compiled),
         "augmentation": augmentation,
         "steps_per_epoch": len(loader),
         "epochs_completed": len(history),

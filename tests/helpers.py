@@ -25,6 +25,27 @@ class TinyNet(nn.Module):
         return self.head(self.forward_features(x))
 
 
+class TinyMLP(nn.Module):
+    """A 16-input MLP with the model interface; optional BatchNorm and Dropout (1x4x4 inputs)."""
+
+    def __init__(self, bn: bool = False, dropout: float = 0.0, classes: int = 3) -> None:
+        super().__init__()
+        layers = [nn.Flatten(), nn.Linear(16, 12)]
+        if bn:
+            layers.append(nn.BatchNorm1d(12))
+        layers.append(nn.ReLU())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(12, classes)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
 def toy_batch(n: int = 16, channels: int = 1, size: int = 8, classes: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, channels, size, size, generator=g)

@@ -1,6 +1,8 @@
 """Batch-in-Batch: tLHS, the batched attack, the selection rules, N-FGSM equivalence, passes."""
 from __future__ import annotations
 
+from functools import partial
+
 import copy
 import math
 
@@ -16,31 +18,14 @@ from methods.algorithms.tlhs import MIDDLE_LEVEL, tlhs_levels, tlhs_pattern
 from methods.measure.passes import PassCounter
 from methods.registry import METHODS
 from methods.threat import ThreatModel
+from tests.helpers import TinyMLP
 
 EPS = 8 / 255
 LINF = ThreatModel("linf", EPS)
 SHAPE = (1, 4, 4)
 
 
-class TinyNet(nn.Module):
-    """forward(x) == head(forward_features(x)); optional BatchNorm and Dropout."""
-
-    def __init__(self, bn: bool = False, dropout: float = 0.0, classes: int = 3) -> None:
-        super().__init__()
-        layers = [nn.Flatten(), nn.Linear(16, 12)]
-        if bn:
-            layers.append(nn.BatchNorm1d(12))
-        layers.append(nn.ReLU())
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(12, classes)
-
-    def forward_features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+TinyNet = partial(TinyMLP, classes=3)
 
 
 class ScriptedModel(nn.Module):

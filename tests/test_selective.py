@@ -1,6 +1,8 @@
 """Selective AT: selection probabilities, PGD on the selected rows only, passes, the BN bug."""
 from __future__ import annotations
 
+from functools import partial
+
 
 import pytest
 import torch
@@ -15,31 +17,14 @@ from methods.algorithms.selective import (SelectiveAT, grad_cosine_scores,
 from methods.measure.passes import PassCounter, sum_passes
 from methods.registry import METHODS
 from methods.threat import ThreatModel
+from tests.helpers import TinyMLP
 
 EPS = 8 / 255
 LINF = ThreatModel("linf", EPS)
 SHAPE = (1, 4, 4)
 
 
-class TinyNet(nn.Module):
-    """forward(x) == head(forward_features(x)); optional BatchNorm and Dropout."""
-
-    def __init__(self, bn: bool = False, dropout: float = 0.0, classes: int = 4) -> None:
-        super().__init__()
-        layers = [nn.Flatten(), nn.Linear(16, 12)]
-        if bn:
-            layers.append(nn.BatchNorm1d(12))
-        layers.append(nn.ReLU())
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(12, classes)
-
-    def forward_features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+TinyNet = partial(TinyMLP, classes=4)
 
 
 class ScriptedModel(nn.Module):

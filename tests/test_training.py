@@ -128,3 +128,22 @@ def test_train_result_is_schema_valid_and_records_passes_and_provenance(mnist5k_
     broken["history"][0]["pgd_acc"] = "0.5"
     with pytest.raises(ValueError, match="history/0/pgd_acc"):
         validate(broken, "train_result.schema.json")
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(mnist5k_prepared, tmp_path):
+    cell = tiny_cell("nfgsm", epochs=1)
+    cell["runtime"].update({"amp": "bf16", "channels_last": True})
+    cell["config_hash"] = config_hash({k: v for k, v in cell.items() if k != "config_hash"})
+    record = run(cell, mnist5k_prepared, tmp_path)
+    assert record["runtime"]["precision"] == "bf16" and record["runtime"]["channels_last"]
+    assert all(h["train_loss"] is not None and h["train_loss"] == h["train_loss"] for h in record["history"])
+
+
+@pytest.mark.slow
+def test_torch_compile_path_trains(mnist5k_prepared, tmp_path):
+    cell = tiny_cell("pgd_at", {"steps": 2, "alpha": 0.1}, epochs=1)
+    cell["runtime"]["compile"] = True
+    cell["config_hash"] = config_hash({k: v for k, v in cell.items() if k != "config_hash"})
+    record = run(cell, mnist5k_prepared, tmp_path)
+    assert record["runtime"]["compile"] is True
+    assert record["passes"]["per_example"] == {"forward": 3.0, "backward": 3.0}
