@@ -54,7 +54,8 @@ def _cmd_aggregate(args) -> None:
 def _cmd_bench(args) -> None:
     from .bench import run_bench
 
-    run_bench(Path(args.config), Path(args.out_dir))
+    run_bench(Path(args.config), Path(args.out_dir),
+              evals=[Path(p) for p in args.evals] if args.evals else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -97,6 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("bench", help="microbenchmark every registered method's training step")
     p.add_argument("--config", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--evals", nargs="*", default=None,
+                   help="evaluation files for the cost plot (default: the config's glob)")
     p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)

@@ -1,13 +1,17 @@
-# Microbenchmarks of every registered method's training step (issue: measurement).
 rule bench:
+    """Microbenchmarks of every method's training step (workflow/config/bench.yaml), the cost
+    table, and the robust-accuracy-vs-cost plot drawn from this run's evaluation files."""
+    input:
+        evals=all_evaluations(),
     output:
         directory(f"{RESULTS}/bench/{config['run_name']}"),
     params:
         config_file="workflow/config/bench.yaml",
-    threads: config["threads"]
+    threads: workflow.cores
     resources:
         gpu=1,
     log:
         f"{RESULTS}/logs/bench/{config['run_name']}.log",
     shell:
-        "{PY} -m methods bench --config {params.config_file} --out-dir {output} > {log} 2>&1"
+        "{PY} -m methods bench --config {params.config_file} --out-dir {output} "
+        "--evals {input.evals:q} > {log} 2>&1"
