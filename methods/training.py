@@ -224,6 +224,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     state = _load_state(ckpt_dir / STATE_FILE, cell["config_hash"])
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, {"epoch": None, "pgd_acc": -1.0}
+    best_weights: Optional[Dict[str, torch.Tensor]] = None
     previous_windows: List[Dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -235,7 +236,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         for name, g in gens.items():
             g.set_state(state["generators"][name])
         torch.set_rng_state(state["torch_rng"])
-        history, best = state["history"], state["best"]
+        history, best, best_weights = state["history"], state["best"], state["best_model"]
         start_epoch = int(state["epoch"]) + 1
         previous_windows = state.get("windows", [])
 
@@ -252,9 +253,11 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
             row["catastrophic_overfitting"] = is_catastrophic_overfitting(history, row, co_drop)
             row["stopped_early"] = bool(row["catastrophic_overfitting"] and stop_on_co)
             history.append(row)
-            if row["pgd_acc"] > best["pgd_acc"] and not row["catastrophic_overfitting"]:
+            if row["pgd_acc"] > best["pgd_acc"]:
                 best = {"epoch": epoch, "pgd_acc": row["pgd_acc"]}
-                _save(ckpt_dir / BEST_FILE, {"model": model.state_dict(), "epoch": epoch})
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # best.pt is a Snakemake output (deleted when a job fails), so the best weights
+            # live in the state too and best.pt is written only at the end.
             _save(ckpt_dir / STATE_FILE, {
                 "config_hash": cell["config_hash"], "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -263,10 +266,10 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
                 "method": method.state_dict(),
                 "generators": {k: g.get_state() for k, g in gens.items()},
                 "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+                "best_model": best_weights,
                 "windows": previous_windows + [r.to_dict() for r in meter.records()]})
+    _save(ckpt_dir / BEST_FILE, {"model": best_weights, "epoch": best["epoch"]})
     _save(ckpt_dir / LAST_FILE, {"model": model.state_dict(), "epoch": history[-1]["epoch"]})
-    if best["epoch"] is None:  # every epoch after the first was flagged: best = first epoch
-        best = {"epoch": history[0]["epoch"], "pgd_acc": history[0]["pgd_acc"]}
     run_window.close()
     meter_summary = meter.summary()
     meter.close()

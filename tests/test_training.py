@@ -94,8 +94,11 @@ def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path, monk
     monkeypatch.setattr(training, "_run_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run(cell, mnist5k_prepared, tmp_path / "killed")
+    ckpts = tmp_path / "killed" / "checkpoints"
     assert not (tmp_path / "killed" / "train.json").exists(), "no finished-looking output"
-    assert (tmp_path / "killed" / "checkpoints" / "state.pt").exists()
+    assert (ckpts / "state.pt").exists()
+    for output in ("best.pt", "last.pt"):  # Snakemake deletes a failed job's outputs
+        (ckpts / output).unlink(missing_ok=True)
     monkeypatch.setattr(training, "_run_epoch", real_epoch)
     resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
 
@@ -104,6 +107,10 @@ def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path, monk
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    best_a = torch.load(tmp_path / "straight" / "checkpoints" / "best.pt", weights_only=True)
+    best_b = torch.load(ckpts / "best.pt", weights_only=True)
+    assert best_a["epoch"] == best_b["epoch"] == straight["checkpoints"]["best"]["epoch"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
 
 
 def test_changed_config_does_not_resume_from_a_stale_state(mnist5k_prepared, tmp_path):
