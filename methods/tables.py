@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import pandas as pd
 
 from .config import ConfigError, number
+from .evaluation import attack_label
 from .results import atomic_write_text, read_result
 
 
@@ -115,9 +116,11 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
             if label != "clean" and label not in attack_labels:
                 attack_labels.append(label)
     head = (["dataset", "arch", "method", "recipe", "seed", "ckpt", "clean"] + attack_labels
-            + ["AutoAttack (n)", "fwd+bwd / example", "train s", "CO"])
+            + ["AutoAttack (n)", "PGD on the AA subset", "fwd+bwd / example", "train s", "CO"])
     lines = ["Accuracy in % with exact 95% binomial intervals; AutoAttack on a seeded "
-             "class-stratified test subset of n examples (indices in each eval JSON).", "",
+             "class-stratified test subset of n examples (indices in each eval JSON), with "
+             "PGD on the very same examples beside it.  fwd+bwd / example: forward and "
+             "backward sample-passes per training example, counted.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     key = lambda r: (r["dataset"], r["arch"], r["method"], r["recipe"], r["seed"], r["checkpoint"])
     for r in sorted(rows, key=key):
@@ -126,7 +129,9 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
                   if "train_fwd_per_example" in r else "n/a")
         cells = [r["dataset"], r["arch"], r["method"], r["recipe"], str(r["seed"]), r["checkpoint"],
                  _pct(r["_metrics"]["clean"])] + [_pct(r["_metrics"].get(l)) for l in attack_labels]
-        cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run", passes,
+        same = (aa or {}).get("pgd_same_subset")
+        cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run",
+                  f"{_pct(same)} {attack_label(same['attack'])}" if same else "n/a", passes,
                   f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "n/a",
                   "yes" if r.get("co_detected") else "no"]
         lines.append("| " + " | ".join(cells) + " |")
