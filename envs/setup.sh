@@ -13,5 +13,5 @@ python=${PYTHON:-python3}
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"advrepro pins Python 3.11, found {sys.version.split()[0]}: set PYTHON=/path/to/python3.11"'
 echo "advrepro: installing the pinned environment into .venv (one time, a few minutes)" >&2
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$lock"
+.venv/bin/python -m pip install -qq --disable-pip-version-check -r "$lock"  # errors still shown
 echo "$want" > "$stamp"

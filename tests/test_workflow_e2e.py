@@ -58,6 +58,7 @@ def test_dry_run_lists_every_cell(name):
                     "--config", "results_dir=/nonexistent/advrepro-dry")
     assert dry.returncode == 0, dry.stderr[-3000:]
     out = dry.stdout + dry.stderr
+    assert "Using workflow specific profile profiles/default" in out  # rerun-triggers etc.
     counts = {}
     for line in out.splitlines():
         parts = line.split()
