@@ -20,7 +20,6 @@ papers' own wall-clock on their hardware, which the legend says.
 from __future__ import annotations
 
 import glob
-import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import algorithms  # noqa: F401  (fills METHODS)

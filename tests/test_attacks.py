@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.attacks import fgsm, pgd
-from methods.threat import Norm, ThreatModel, clamp_to_image
+from methods.threat import ThreatModel, clamp_to_image
 from tests.helpers import TinyNet, toy_batch
 
 

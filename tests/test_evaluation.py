@@ -67,7 +67,6 @@ def test_evaluation_record_is_guarded_and_complete(trained, checkpoint):
 
 
 def test_published_rows_match_dataset_and_eps_exactly():
-    from pathlib import Path
 
     from methods.config import REPO_ROOT
     from methods.tables import load_published, published_for

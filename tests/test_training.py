@@ -127,6 +127,7 @@ def test_changed_config_does_not_resume_from_a_stale_state(mnist5k_prepared, tmp
 def test_train_result_is_schema_valid_and_records_passes_and_provenance(mnist5k_prepared, tmp_path):
     record = run(tiny_cell("pgd_at", {"steps": 4, "alpha": 0.1}, epochs=1), mnist5k_prepared, tmp_path)
     on_disk = read_result(tmp_path / "train.json", "train_result.schema.json")
+    assert on_disk == record  # what the trainer returns is exactly what it wrote
     assert on_disk["passes"]["per_example"] == {"forward": 5.0, "backward": 5.0}
     assert on_disk["provenance"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert on_disk["checkpoints"]["best"]["selected_by"].startswith("monitor pgd_acc")

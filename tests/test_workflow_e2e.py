@@ -1,8 +1,6 @@
 """End to end: the Snakemake workflow on the smoke config, and dry runs of the big configs."""
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -7,7 +7,6 @@ clamp to [0, 1]; train on CE at x + delta.  The attack runs in train mode in the
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..attacks import input_gradient
