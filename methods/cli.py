@@ -1,8 +1,9 @@
 """Command line used by the Snakemake rules: ``python -m methods <command> ...``.
 
-Commands take the resolved cell as JSON (the Snakefile builds it with
-``methods.config.resolve_cell``) plus paths, so a rule's inputs, outputs and parameters say
-everything the command uses.
+``train`` takes the training identity as JSON (``methods.config.resolve_cell``), ``evaluate``
+the evaluation identity (``methods.config.resolve_evaluation``), ``aggregate`` the recipes'
+annotations, plus paths, so a rule's inputs, outputs and parameters say everything the
+command computes from.  ``--device``, ``--threads`` and ``--meter`` say only where it runs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _cmd_train(args) -> None:
     from .training import train_cell
 
     record = train_cell(json.loads(args.cell), Path(args.data_dir), Path(args.prepared_dir),
-                        Path(args.out_dir), Path(args.result), meter_backend=args.meter)
+                        Path(args.out_dir), Path(args.result), device=args.device,
+                        threads=args.threads, meter_backend=args.meter)
     last = record["history"][-1]
     print(f"trained {record['cell']['recipe']}: epochs={record['epochs_completed']} "
           f"val clean={last['clean_acc']:.3f} pgd={last['pgd_acc']:.3f}")
@@ -36,8 +38,9 @@ def _cmd_train(args) -> None:
 def _cmd_evaluate(args) -> None:
     from .evaluation import evaluate_cell
 
-    record = evaluate_cell(Path(args.train_result), args.checkpoint, Path(args.data_dir),
-                           Path(args.prepared_dir), Path(args.result), meter_backend=args.meter)
+    record = evaluate_cell(Path(args.train_result), json.loads(args.evaluation), args.checkpoint,
+                           Path(args.data_dir), Path(args.prepared_dir), Path(args.result),
+                           device=args.device, threads=args.threads, meter_backend=args.meter)
     summary = {k: round(v["acc"], 4) for k, v in record["metrics"].items()}
     if record["autoattack"]:
         summary["AutoAttack"] = round(record["autoattack"]["acc"], 4)
@@ -48,7 +51,8 @@ def _cmd_aggregate(args) -> None:
     from .tables import aggregate
 
     aggregate([Path(p) for p in args.evals], Path(args.markdown), Path(args.csv),
-              published=[Path(p) for p in args.published])
+              published=[Path(p) for p in args.published],
+              annotations=json.loads(args.annotations))
 
 
 def _cmd_bench(args) -> None:
@@ -56,6 +60,12 @@ def _cmd_bench(args) -> None:
 
     run_bench(Path(args.config), Path(args.out_dir),
               evals=[Path(p) for p in args.evals] if args.evals else None)
+
+
+def _where(p) -> None:
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--meter", default=None, help="auto | nvml | null | fake | replay")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,16 +86,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prepared-dir", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--result", required=True)
-    p.add_argument("--meter", default=None, help="auto | nvml | null | fake | replay")
+    _where(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate one checkpoint of a trained cell")
     p.add_argument("--train-result", required=True)
+    p.add_argument("--evaluation", required=True, help="resolved evaluation identity as JSON")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--prepared-dir", required=True)
     p.add_argument("--result", required=True)
-    p.add_argument("--meter", default=None)
+    _where(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("aggregate", help="tables from evaluation result files")
@@ -93,6 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--markdown", required=True)
     p.add_argument("--csv", required=True)
     p.add_argument("--published", nargs="*", default=[])
+    p.add_argument("--annotations", default="{}",
+                   help="JSON {recipe: {paper, notes, published}} (methods.config.recipe_annotations)")
     p.set_defaults(func=_cmd_aggregate)
 
     p = sub.add_parser("bench", help="microbenchmark every registered method's training step")

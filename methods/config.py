@@ -4,9 +4,22 @@ A *cell* is dataset x arch x recipe x seed; the recipe names the method.  This m
 imported by the Snakefile while it builds the DAG, so it must not import torch.
 
 Layering follows timm's train.py: a recipe may ``extends:`` another recipe (deep-merged, child
-wins), then the config's ``recipe_overrides`` are merged into every recipe (the smoke config
-shrinks epochs this way).  The resolved cell is a plain dict; its SHA-256 over canonical JSON
-(``config_hash``) goes beside every output, so a result always says exactly what produced it.
+wins; a ``sweep`` belongs to the recipe that declares it and is not inherited), then the
+config's ``recipe_overrides`` are merged into every recipe (the smoke config shrinks epochs this
+way).
+
+Two identities, so that evaluating differently never retrains:
+
+* the **training identity** (:func:`resolve_cell`): dataset, arch, method and its args, threat,
+  train block, normalisation, augmentation, seed and the runtime settings that change the
+  arithmetic (``amp``, ``channels_last``, ``compile``).  Its SHA-256 over canonical JSON is
+  ``train_hash``; the train rule's only parameter is this identity, and a training state
+  written under another ``train_hash`` is set aside, never resumed.
+* the **evaluation identity** (:func:`resolve_evaluation`): the config's ``evaluation`` block
+  merged with the recipe's, hashed as ``eval_hash``; it is the evaluate rule's parameter.
+
+Where a job runs (``device``, ``threads``, ``meter``) is in neither, and a recipe's ``paper``,
+``notes`` and ``published`` links (:func:`recipe_annotations`) only reach the tables.
 """
 from __future__ import annotations
 
@@ -141,6 +154,7 @@ def _resolve_extends(name: str, raw: Mapping[str, Any], chain: Tuple[str, ...]) 
     if parent not in raw:
         raise ConfigError(f"recipe {name!r}: extends unknown recipe {parent!r}")
     inherited = _resolve_extends(parent, raw, chain + (name,))
+    inherited.pop("sweep", None)   # a sweep belongs to the recipe that declares it
     if body.get("method", inherited.get("method")) != inherited.get("method"):
         # method_args belong to a method: a child that switches method starts from none.
         inherited.pop("method_args", None)
@@ -172,19 +186,29 @@ def _check_known(config, recipes, dataset, arch, recipe, where) -> None:
             raise ConfigError(f"{where}: unknown {kind} {name!r}; known: {sorted(known)}")
 
 
-def resolve_cell(config: Mapping[str, Any], dataset: str, arch: str, recipe: str,
-                 seed: int, recipes: Mapping[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
-    """The complete, self-contained description of one cell (what train/evaluate consume).
+#: Runtime settings that change a training step's arithmetic (part of the training identity).
+ARITHMETIC_RUNTIME = ("amp", "channels_last", "compile")
+#: Runtime settings that say only where and how a job runs (never part of an identity).
+EXECUTION_RUNTIME = ("device", "threads", "meter")
 
-    ``recipes``: the result of :func:`load_recipes` for ``config``, when the caller has it.
-    """
-    recipes = load_recipes(config) if recipes is None else recipes
+
+def _recipe(config, recipes, dataset, arch, recipe) -> Dict[str, Any]:
     _check_known(config, recipes, dataset, arch, recipe, where="cell")
     body = recipes[recipe]
     for field in ("method", "threat", "train"):
         if field not in body:
             raise ConfigError(f"recipe {recipe!r}: missing field {field!r}")
-    evaluation = deep_merge(config.get("evaluation", {}), body.get("evaluation", {}))
+    return body
+
+
+def resolve_cell(config: Mapping[str, Any], dataset: str, arch: str, recipe: str,
+                 seed: int, recipes: Mapping[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
+    """The training identity of one cell: everything that determines the trained weights.
+
+    ``recipes``: the result of :func:`load_recipes` for ``config``, when the caller has it.
+    """
+    recipes = load_recipes(config) if recipes is None else recipes
+    body = _recipe(config, recipes, dataset, arch, recipe)
     cell = {
         "dataset": {"name": dataset, **config["datasets"][dataset]},
         "arch": {"name": arch, **config["archs"][arch]},
@@ -195,17 +219,37 @@ def resolve_cell(config: Mapping[str, Any], dataset: str, arch: str, recipe: str
         "normalization": body.get("normalization", "dataset"),
         "augmentation": body.get("augmentation", "default"),
         "train": body["train"],
-        "evaluation": evaluation,
-        "paper": body.get("paper", ""),
-        "notes": body.get("notes", ""),
-        "published": body.get("published", {}),
         "seed": int(seed),
-        "runtime": {k: config.get(k) for k in ("device", "threads", "amp", "channels_last",
-                                                "compile", "meter")},
+        "runtime": {k: config.get(k) for k in ARITHMETIC_RUNTIME},
     }
     cell = _numbers(cell, "cell")
-    cell["config_hash"] = config_hash(cell)
+    cell["train_hash"] = config_hash(cell)
     return cell
+
+
+def resolve_evaluation(config: Mapping[str, Any], recipe: str,
+                       recipes: Mapping[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
+    """The evaluation identity for a recipe's cells: the config's ``evaluation`` block deep-merged
+    with the recipe's own ``evaluation`` (which wins), fractions resolved, ``eval_hash`` added.
+
+    ``checkpoints`` is left out: it chooses which outputs exist, not how one is computed.
+    """
+    recipes = load_recipes(config) if recipes is None else recipes
+    if recipe not in recipes:
+        raise ConfigError(f"unknown recipe {recipe!r}; known: {sorted(recipes)}")
+    spec = deep_merge(config.get("evaluation", {}), recipes[recipe].get("evaluation", {}))
+    spec.pop("checkpoints", None)
+    spec = _numbers(spec, "evaluation")
+    spec["eval_hash"] = config_hash(spec)
+    return spec
+
+
+def recipe_annotations(recipes: Mapping[str, Dict[str, Any]], names) -> Dict[str, Dict[str, Any]]:
+    """``{recipe: {paper, notes, published}}`` for the tables: text and published-row links that
+    change no computed number, so editing them reruns only the tables."""
+    return {name: {"paper": recipes[name].get("paper", ""), "notes": recipes[name].get("notes", ""),
+                   "published": _numbers(recipes[name].get("published", {}), f"{name}.published")}
+            for name in sorted(set(names))}
 
 
 def cell_dir(results_dir: str, dataset: str, arch: str, method: str, recipe: str,

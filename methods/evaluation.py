@@ -24,13 +24,13 @@ from scipy.stats import binomtest
 from torch import nn
 
 from .attacks import fgsm, pgd
+from .builders import build_cell_model, build_threat, load_weights, to_float
 from .data import load_dataset
 from .measure import make_meter
 from .results import provenance, read_result, write_result
 from .runtime import cpu_generator, pick_device, seed_everything, set_threads
 from .subsets import stratified_subset
 from .threat import ThreatModel
-from .training import build_cell_model, build_threat, load_weights, to_float
 
 TOLERANCE = 1e-6
 
@@ -90,18 +90,27 @@ def make_attack(spec: Dict[str, Any], model: nn.Module, threat: ThreatModel, see
     raise ValueError(f"evaluation.attacks: unknown attack {name!r} (fgsm, pgd)")
 
 
-def evaluate_cell(train_result_path: Path, checkpoint: str, data_dir: Path, prepared_dir: Path,
-                  result_path: Path, meter_backend: Optional[str] = None) -> Dict[str, Any]:
+def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoint: str,
+                  data_dir: Path, prepared_dir: Path, result_path: Path, *,
+                  device: Optional[str] = None, threads: Optional[int] = None,
+                  meter_backend: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate one checkpoint of a trained cell under an evaluation identity.
+
+    ``evaluation`` comes from the workflow config (:func:`methods.config.resolve_evaluation`),
+    never from ``train.json``, so a new attack or subset applies to an existing model without
+    retraining; the model is rebuilt from the training identity recorded in ``train.json``.
+    """
     started = time.time()
     train_record = read_result(train_result_path, "train_result.schema.json")
     cell = train_record["cell"]
-    ecfg = cell["evaluation"]
-    runtime = cell.get("runtime") or {}
-    set_threads(runtime.get("threads"))
-    device = pick_device(runtime.get("device"))
+    ecfg = evaluation
+    if "eval_hash" not in ecfg:
+        raise ValueError("evaluation: missing eval_hash (resolve it with methods.config.resolve_evaluation)")
+    set_threads(threads)
+    device = pick_device(device)
     seed = int(ecfg.get("seed", 0))
     seed_everything(seed)
-    meter = make_meter(meter_backend or runtime.get("meter") or "auto", device=device)
+    meter = make_meter(meter_backend or "auto", device=device)
 
     dataset_spec = {k: v for k, v in cell["dataset"].items() if k != "name"}
     bundle = load_dataset(cell["dataset"]["name"], dataset_spec, Path(data_dir), Path(prepared_dir))
@@ -142,6 +151,7 @@ def evaluate_cell(train_result_path: Path, checkpoint: str, data_dir: Path, prep
     record = {
         "kind": "evaluate",
         "cell": cell,
+        "evaluation": ecfg,
         "checkpoint": {"name": checkpoint, "epoch": epoch, "file": ckpt_info["file"]},
         "threat": {"norm": threat.norm.value, "eps": threat.eps},
         "test_examples": len(y_all),
@@ -150,7 +160,7 @@ def evaluate_cell(train_result_path: Path, checkpoint: str, data_dir: Path, prep
         "guards": {"eval_mode": True, "buffers_unchanged": True, "inputs_in_unit_box": True,
                    "eps_tolerance": TOLERANCE},
         "measurement": meter.summary(),
-        "provenance": provenance(cell, device, time.time() - started),
+        "provenance": provenance(cell, device, time.time() - started, ecfg),
     }
     meter.close()
     return write_result(result_path, record, "eval_result.schema.json")

@@ -120,9 +120,15 @@ def device_info(device) -> Dict[str, Any]:
     return info
 
 
-def provenance(cell: Dict[str, Any], device, wall_s: float) -> Dict[str, Any]:
+def provenance(cell: Dict[str, Any], device, wall_s: float,
+               evaluation: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Where a result came from: the training identity's hash (and, for an evaluation, the
+    evaluation identity's), the code, the packages, the machine and the seed."""
+    ids = {"train_hash": cell["train_hash"]}
+    if evaluation is not None:
+        ids["eval_hash"] = evaluation["eval_hash"]
     return {
-        "config_hash": cell["config_hash"],
+        **ids,
         "git": git_commit(),
         "packages": package_versions(),
         "python": platform.python_version(),

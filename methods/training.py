@@ -23,82 +23,21 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import algorithms  # noqa: F401  (fills METHODS)
+from .algorithms.base import StepContext
 from .attacks import pgd
-from .data import DatasetBundle, augment_batch, load_dataset, normalization
+from .builders import TrainingParts, build_training, to_float
+from .data import DatasetBundle, augment_batch, load_dataset
 from .measure import make_meter
-from .measure.passes import PassCounter, sum_passes
-from .models import build_model
-from .registry import METHODS
+from .measure.passes import sum_passes
 from .results import atomic_write, provenance, write_result
-from .runtime import (Precision, autocast, cpu_generator, grad_scaler, pick_device,
-                      runtime_summary, seed_everything, set_threads)
+from .runtime import cpu_generator, pick_device, runtime_summary, seed_everything, set_threads
 from .subsets import stratified_subset
 from .threat import ThreatModel
 
 STATE_FILE, LAST_FILE, BEST_FILE = "state.pt", "last.pt", "best.pt"
 
 
-# ----------------------------------------------------------------------------- building blocks
-def build_threat(spec: Dict[str, Any]) -> ThreatModel:
-    try:
-        return ThreatModel(spec["norm"], float(spec["eps"]))
-    except KeyError as e:
-        raise ValueError(f"threat: missing field {e.args[0]!r}") from None
-
-
-def build_cell_model(cell: Dict[str, Any], bundle: DatasetBundle) -> nn.Module:
-    arch = dict(cell["arch"])
-    arch.pop("name")
-    model_name = arch.pop("model")
-    width = float(arch.pop("width", 1.0))
-    mean, std = normalization(cell["normalization"], cell["dataset"]["source"])
-    return build_model(model_name, num_classes=bundle.num_classes, image_shape=bundle.image_shape,
-                       mean=mean, std=std, width=width, **arch)
-
-
-def build_optimizer(model: nn.Module, spec: Dict[str, Any]) -> torch.optim.Optimizer:
-    name = spec.get("name", "sgd")
-    lr = float(spec["lr"])
-    wd = float(spec.get("weight_decay", 0.0))
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(spec.get("momentum", 0.9)),
-                               weight_decay=wd, nesterov=bool(spec.get("nesterov", False)))
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-    raise ValueError(f"train.optimizer.name: unknown optimizer {name!r} (sgd, adam)")
-
-
-def build_schedule(opt: torch.optim.Optimizer, spec: Dict[str, Any], lr: float,
-                   steps_per_epoch: int, epochs: int):
-    """Per-iteration LR schedule.
-
-    ``cyclic``: torch's CyclicLR from 0 up to ``lr`` and back to 0 over the whole run, peaking at
-    fraction ``peak_at`` (0.5 in N-FGSM/FGSM-RS/BB on CIFAR; 0.4 for N-FGSM SVHN and locuslab
-    MNIST).  With SGD the official codes keep CyclicLR's default momentum cycling (0.9 at LR 0,
-    0.8 at the peak; spec section 2.4); ``cycle_momentum`` can switch it off.
-    ``multistep``: LR times ``gamma`` at each epoch in ``milestones``.  ``constant``: no change.
-    """
-    name = spec.get("name", "constant")
-    total = steps_per_epoch * epochs
-    if name == "cyclic":
-        peak = float(spec.get("peak_at", 0.5))
-        up = max(1.0, total * peak)
-        down = max(1.0, total - up)
-        cycle_m = bool(spec.get("cycle_momentum", isinstance(opt, torch.optim.SGD)))
-        return torch.optim.lr_scheduler.CyclicLR(
-            opt, base_lr=0.0, max_lr=lr, step_size_up=up, step_size_down=down,
-            cycle_momentum=cycle_m, base_momentum=float(spec.get("base_momentum", 0.8)),
-            max_momentum=float(spec.get("max_momentum", 0.9)))
-    if name == "multistep":
-        milestones = [int(m) * steps_per_epoch for m in spec["milestones"]]
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones,
-                                                    gamma=float(spec.get("gamma", 0.1)))
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    raise ValueError(f"train.schedule.name: unknown schedule {name!r} (cyclic, multistep, constant)")
-
-
+# ----------------------------------------------------------------------------- data order
 class TensorLoader:
     """Shuffled minibatches from uint8 image tensors, converted to [0, 1] floats on the device.
 
@@ -129,10 +68,6 @@ class TensorLoader:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.x[idx].float().div_(255)
             yield augment_batch(x, self.augmentation, self.generator), self.y[idx]
-
-
-def to_float(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x_uint8.to(device).float().div_(255)
 
 
 # ----------------------------------------------------------------------------- monitoring
@@ -177,17 +112,21 @@ def build_monitor(cell, bundle: DatasetBundle, threat: ThreatModel, device) -> M
 
 # ----------------------------------------------------------------------------- the loop
 def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir: Path,
-               result_path: Path, meter_backend: Optional[str] = None) -> Dict[str, Any]:
+               result_path: Path, *, device: Optional[str] = None, threads: Optional[int] = None,
+               meter_backend: Optional[str] = None) -> Dict[str, Any]:
+    """Train one cell (a training identity from :func:`methods.config.resolve_cell`).
+
+    ``device``, ``threads`` and ``meter_backend`` say where and how it runs, not what is
+    trained: they are not part of the identity, so a cell may resume on other hardware.
+    """
     started = time.time()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    runtime = cell.get("runtime") or {}
-    set_threads(runtime.get("threads"))
-    device = pick_device(runtime.get("device"))
-    precision = Precision(runtime.get("amp") or "fp32")
+    set_threads(threads)
+    dev = pick_device(device)
     seed = int(cell["seed"])
     seed_everything(seed)
-    meter = make_meter(meter_backend or runtime.get("meter") or "auto", device=device)
+    meter = make_meter(meter_backend or "auto", device=dev)
     run_window = contextlib.ExitStack()
     run_window.enter_context(meter.window("run"))  # closed before the meter is summarised
 
@@ -195,32 +134,21 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     epochs = int(tcfg["epochs"])
     dataset_spec = {k: v for k, v in cell["dataset"].items() if k != "name"}
     bundle = load_dataset(cell["dataset"]["name"], dataset_spec, Path(data_dir), Path(prepared_dir))
-    threat = build_threat(cell["threat"])
-    model = build_cell_model(cell, bundle).to(device)
-    channels_last = bool(runtime.get("channels_last"))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    compiled = bool(runtime.get("compile"))
-    if compiled:
-        model.compile()  # in place: same module, state_dict keys and hooks; slow first steps
-    method = METHODS.get(cell["method"])(threat=threat, **cell.get("method_args", {}))
-
     augmentation = cell["augmentation"]
     if augmentation == "default":
         augmentation = bundle.default_augmentation
-    gens = {"loader": cpu_generator(seed), "method": cpu_generator(seed + 1)}
+    loader_generator = cpu_generator(seed)
     loader = TensorLoader(bundle.train.x, bundle.train.y, int(tcfg["batch_size"]),
-                          bool(tcfg.get("drop_last", True)), device, augmentation,
-                          gens["loader"], tcfg.get("max_steps_per_epoch"))
-    opt_spec = tcfg["optimizer"]
-    optimizer = build_optimizer(model, opt_spec)
-    scheduler = build_schedule(optimizer, tcfg.get("schedule", {}), float(opt_spec["lr"]),
-                               len(loader), epochs)
-    scaler = grad_scaler(device, precision)
-    monitor = build_monitor(cell, bundle, threat, device)
-    counter = PassCounter(model)
+                          bool(tcfg.get("drop_last", True)), dev, augmentation,
+                          loader_generator, tcfg.get("max_steps_per_epoch"))
+    parts = build_training(cell, bundle, dev, len(loader))
+    generators = {"loader": loader_generator, **parts.generators}   # everything a resume restores
+    model, method, optimizer, scheduler, scaler = (parts.model, parts.method, parts.optimizer,
+                                                   parts.scheduler, parts.scaler)
+    threat = parts.threat
+    monitor = build_monitor(cell, bundle, threat, dev)
 
-    state = _load_state(ckpt_dir / STATE_FILE, cell["config_hash"])
+    state = _load_state(ckpt_dir / STATE_FILE, cell["train_hash"])
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, {"epoch": None, "pgd_acc": -1.0}
     best_weights: Optional[Dict[str, torch.Tensor]] = None
@@ -232,7 +160,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state["method"])
-        for name, g in gens.items():
+        for name, g in generators.items():
             g.set_state(state["generators"][name])
         torch.set_rng_state(state["torch_rng"])
         history, best, best_weights = state["history"], state["best"], state["best_model"]
@@ -246,8 +174,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
             if history and history[-1].get("stopped_early"):
                 break
             with meter.window(f"epoch_{epoch:03d}"):
-                row = _run_epoch(model, method, loader, optimizer, scheduler, scaler, counter,
-                                 device, precision, channels_last, gens["method"], epoch, epochs)
+                row = run_epoch(parts, loader, dev, epoch, epochs)
                 row.update(monitor(model))
             row["catastrophic_overfitting"] = is_catastrophic_overfitting(history, row, co_drop)
             row["stopped_early"] = bool(row["catastrophic_overfitting"] and stop_on_co)
@@ -258,12 +185,12 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
             # best.pt is a Snakemake output (deleted when a job fails), so the best weights
             # live in the state too and best.pt is written only at the end.
             _save(ckpt_dir / STATE_FILE, {
-                "config_hash": cell["config_hash"], "epoch": epoch,
+                "train_hash": cell["train_hash"], "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "method": method.state_dict(),
-                "generators": {k: g.get_state() for k, g in gens.items()},
+                "generators": {k: g.get_state() for k, g in generators.items()},
                 "torch_rng": torch.get_rng_state(), "history": history, "best": best,
                 "best_model": best_weights,
                 "windows": previous_windows + [r.to_dict() for r in meter.records()]})
@@ -272,7 +199,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
     run_window.close()
     meter_summary = meter.summary()
     meter.close()
-    counter.detach()
+    parts.counter.detach()
 
     co_epochs = [h["epoch"] for h in history if h["catastrophic_overfitting"]]
     record = {
@@ -280,7 +207,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         "cell": cell,
         "method": method.describe(),
         "data": bundle.meta,
-        "runtime": runtime_summary(device, precision, channels_last, compiled),
+        "runtime": runtime_summary(dev, parts.precision, parts.channels_last, parts.compiled),
         "augmentation": augmentation,
         "steps_per_epoch": len(loader),
         "epochs_completed": len(history),
@@ -295,7 +222,7 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
                                  "selected_by": f"monitor pgd_acc on {monitor.source}"}},
         "passes": _pass_summary(history),
         "measurement": {**meter_summary, "previous_sessions": previous_windows},
-        "provenance": provenance(cell, device, time.time() - started),
+        "provenance": provenance(cell, dev, time.time() - started),
     }
     return write_result(result_path, record, "train_result.schema.json")
 
@@ -311,41 +238,37 @@ def is_catastrophic_overfitting(history: List[Dict[str, Any]], row: Dict[str, An
     return best_before is not None and row["pgd_acc"] < best_before - drop
 
 
-def _run_epoch(model, method, loader, optimizer, scheduler, scaler, counter, device, precision,
-               channels_last, generator, epoch, epochs) -> Dict[str, Any]:
-    from .algorithms.base import StepContext
+def run_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int,
+              epochs: int) -> Dict[str, Any]:
+    """One epoch of training steps over ``loader`` (the benchmarks feed it fixed batches).
 
+    Each step is ``method.step`` (by default: ``method.loss`` under the run's precision, then
+    the trainer's update), followed by one scheduler step whether or not the method updated.
+    """
+    model, method, optimizer, counter = parts.model, parts.method, parts.optimizer, parts.counter
     model.train()
     counter.reset()
     ctx = StepContext(epoch=epoch, step_in_epoch=0, steps_per_epoch=len(loader), epochs=epochs,
-                      device=device, counter=counter, generator=generator)
+                      device=device, counter=counter, generator=parts.generators["method"],
+                      optimizer=optimizer, scaler=parts.scaler, precision=parts.precision)
     method.start_epoch(model, ctx)
     loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
     stats_sum: Dict[str, float] = {}
     lr_first = optimizer.param_groups[0]["lr"]
     for step, (x, y) in enumerate(loader):
-        if channels_last:
+        if parts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx.step_in_epoch, ctx.stats = step, {}
-        with autocast(device, precision):
-            loss = method.loss(model, x, y, ctx)
+        loss = method.step(model, x, y, ctx)
         if not model.training:
             raise RuntimeError(f"method {method.name!r} returned with the model in eval mode")
         seen += len(y)
         if loss is None:
             skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
             loss_sum += float(loss.detach())
             loss_n += 1
-        scheduler.step()
+        parts.scheduler.step()
         for k, v in ctx.stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
     passes = counter.totals()
@@ -385,15 +308,9 @@ def _load_state(path: Path, expected_hash: str) -> Optional[Dict[str, Any]]:
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config_hash") != expected_hash:
-        # A different configuration trained here before: start over rather than mix the two.
-        path.rename(path.with_suffix(f".stale-{state.get('config_hash', 'unknown')[:12]}.pt"))
+    if state.get("train_hash") != expected_hash:
+        # A different training identity trained here before: start over rather than mix the two.
+        old = str(state.get("train_hash") or state.get("config_hash") or "unknown")[:12]
+        path.rename(path.with_suffix(f".stale-{old}.pt"))
         return None
     return state
-
-
-def load_weights(path: Path, model: nn.Module) -> int:
-    """Load weights saved by the trainer into ``model``; returns the epoch they come from."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(blob["model"])
-    return int(blob["epoch"])

@@ -5,6 +5,14 @@ loop, the optimizer and schedule, checkpoints, AMP, measurement and logging; a m
 
 * ``loss(model, x, y, ctx)``: the loss to back-propagate for one minibatch, or ``None`` to skip
   the optimizer step (the LR schedule still advances, as in the BB code when nothing is selected);
+* optionally ``setup(model, data, ctx)``, called once before any state is loaded: the number of
+  classes, the feature dimension, the training class counts and the validation / meta split
+  (:class:`MethodData`), for methods that build modules or statistics of their own (put them on
+  ``ctx.device`` there, so a resumed state loads onto them);
+* optionally ``step(model, x, y, ctx)``, which owns the whole update for methods that need more
+  than one backward or a look-ahead (Meta-IADA); the default runs ``loss`` under the run's
+  precision and hands it to ``ctx.update`` (zero_grad, backward with loss scaling, optimizer
+  step), which is exactly the trainer's path;
 * optionally ``start_epoch(ctx)`` for per-epoch state (BB regenerates its tLHS noise there), and
   ``state_dict`` / ``load_state_dict`` for state that must survive a resume.
 
@@ -16,13 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
+import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..data.splits import Split
 from ..measure.passes import PassCounter
+from ..runtime import Precision, autocast
 from ..threat import ThreatModel
 
 
@@ -49,9 +61,30 @@ def attack_mode(model: nn.Module, mode: ModelMode) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass(frozen=True)
+class MethodData:
+    """What :meth:`Method.setup` is told about the data and the model."""
+
+    num_classes: int
+    image_shape: Tuple[int, int, int]     # (C, H, W)
+    feature_dim: int                      # width of ``model.forward_features(x)``
+    class_counts: torch.Tensor            # training examples per class (after LT / noise variants)
+    meta: Optional[Split]                 # the validation / meta split (uint8 images), if any
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class SetupContext:
+    device: torch.device
+    generator: torch.Generator      # the method's checkpointed generator
+    epochs: int
+    steps_per_epoch: int
+    precision: Precision
+
+
 @dataclass
 class StepContext:
-    """What a method may know about where it is in training."""
+    """What a method may know about where it is in training, and how to update."""
 
     epoch: int                      # 0-based
     step_in_epoch: int              # 0-based
@@ -61,6 +94,33 @@ class StepContext:
     counter: PassCounter            # book passes with ``ctx.counter.phase("attack")``
     generator: torch.Generator      # CPU generator for the method's own randomness (checkpointed)
     stats: Dict[str, float] = field(default_factory=dict)  # per-step scalars the method reports
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    precision: Precision = Precision.FP32
+
+    @property
+    def lr(self) -> float:
+        """The learning rate this step will use (the schedule advances after the step)."""
+        if self.optimizer is None:
+            raise RuntimeError("StepContext.lr: no optimizer in this context")
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def autocast(self):
+        """The run's mixed precision for forward passes (a no-op in fp32)."""
+        return autocast(self.device, self.precision)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """The trainer's update: zero_grad, backward (loss-scaled under fp16), optimizer step."""
+        if self.optimizer is None:
+            raise RuntimeError("StepContext.update: no optimizer in this context")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
 
     @property
     def global_step(self) -> int:
@@ -87,6 +147,9 @@ class Method:
     def __init__(self, *, threat: ThreatModel) -> None:
         self.threat = threat
 
+    def setup(self, model: nn.Module, data: MethodData, ctx: SetupContext) -> None:
+        """Called once, after the model is built and before any state is loaded."""
+
     def start_epoch(self, model: nn.Module, ctx: StepContext) -> None:
         """Called once before the first batch of every epoch (also after a resume)."""
 
@@ -94,10 +157,42 @@ class Method:
              ctx: StepContext) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             ctx: StepContext) -> Optional[torch.Tensor]:
+        """One update; returns the loss that was optimised (``None``: no update this step)."""
+        with ctx.autocast():
+            loss = self.loss(model, x, y, ctx)
+        if loss is not None:
+            ctx.update(loss)
+        return loss
+
+    @classmethod
+    def parameters(cls) -> Dict[str, Any]:
+        """The declared parameters (keyword arguments of ``__init__``, except ``threat``) and
+        their defaults."""
+        return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "threat"}
+
     def describe(self) -> Dict[str, Any]:
-        """The method's resolved parameters, recorded in every result file."""
-        params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "threat"}
-        params = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in params.items()}
+        """The method's declared parameters as resolved (recorded in every result file).
+
+        Only what ``__init__`` declares is recorded, read back from the attribute of the same
+        name, so internal state never reaches a result file; a parameter that is not stored
+        under its own name, or whose value is not JSON, is an error naming it.
+        """
+        params: Dict[str, Any] = {}
+        for name in self.parameters():
+            if not hasattr(self, name):
+                raise AttributeError(f"method {self.name!r}: parameter {name!r} is not stored as "
+                                     f"self.{name}, so describe() cannot record it")
+            value = getattr(self, name)
+            value = value.value if isinstance(value, enum.Enum) else value
+            try:
+                json.dumps(value)
+            except TypeError:
+                raise TypeError(f"method {self.name!r}: parameter {name!r} = {value!r} is not "
+                                "JSON-serialisable") from None
+            params[name] = value
         return {"name": self.name, "paper": self.paper, "threat": {
             "norm": self.threat.norm.value, "eps": self.threat.eps}, **params}
 
