@@ -15,7 +15,8 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 
-from methods.config import cell_dir, eval_checkpoints, iter_cells, load_recipes, resolve_cell
+from methods.config import (cell_dir, eval_checkpoints, iter_cells, load_recipes,
+                            recipe_annotations, resolve_cell, resolve_evaluation)
 
 configfile: "workflow/config/default.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -26,6 +27,10 @@ DATA = config["data_dir"]
 RECIPES = load_recipes(config)
 CELLS = list(iter_cells(config))
 CELL = RESULTS + "/{dataset}/{arch}/{method}/{recipe}/seed{seed}"
+# Where a job runs, not what it computes: in the shell command, never in params, so changing
+# them reruns nothing (the profile's rerun-triggers leave out `code`).
+WHERE = (f"--device {config['device']} --threads {{threads}} "
+         f"--meter {json.dumps(config['meter'])}")
 
 wildcard_constraints:
     dataset=r"[^/]+",
@@ -36,14 +41,30 @@ wildcard_constraints:
     checkpoint=r"last|best",
 
 
-def cell_config(w):
-    """The resolved cell as JSON; the recipe must belong to the method in the path."""
+def _recipe_of(w):
     recipe = RECIPES.get(w.recipe)
     if recipe is None:
         raise ValueError(f"unknown recipe {w.recipe!r} in path; known: {sorted(RECIPES)}")
     if recipe["method"] != w.method:
         raise ValueError(f"recipe {w.recipe!r} is method {recipe['method']!r}, not {w.method!r}")
-    return json.dumps(resolve_cell(config, w.dataset, w.arch, w.recipe, int(w.seed), RECIPES))
+    return w.recipe
+
+
+def training_identity(w):
+    """The train rule's one parameter: what determines the weights (methods.config.resolve_cell)."""
+    return json.dumps(resolve_cell(config, w.dataset, w.arch, _recipe_of(w), int(w.seed), RECIPES),
+                      sort_keys=True)
+
+
+def evaluation_identity(w):
+    """The evaluate rule's parameter (methods.config.resolve_evaluation): changing it
+    re-evaluates without retraining."""
+    return json.dumps(resolve_evaluation(config, _recipe_of(w), RECIPES), sort_keys=True)
+
+
+def annotations():
+    """Recipes' paper / notes / published links, for the tables only."""
+    return json.dumps(recipe_annotations(RECIPES, [cell[3] for cell in CELLS]), sort_keys=True)
 
 
 def all_evaluations():

@@ -1,8 +1,11 @@
-"""Layered configuration: recipes, extends, sweeps, fractions, cells and hashes."""
+"""Layered configuration: recipes, extends, sweeps, fractions, cells and the two identities."""
+import copy
+
 import pytest
 
 from methods.config import (ConfigError, config_hash, iter_cells, load_recipes, load_yaml,
-                            number, resolve_cell, REPO_ROOT)
+                            number, recipe_annotations, resolve_cell, resolve_evaluation,
+                            REPO_ROOT)
 
 BASE = {
     "datasets": {"d": {"source": "mnist5k"}},
@@ -32,6 +35,15 @@ def test_sweep_adds_one_recipe_per_value():
     assert rs["swept"]["method_args"]["k"] == 2
 
 
+def test_a_sweep_is_not_inherited_through_extends():
+    config = {**BASE, "recipes": {**BASE["recipes"],
+                                  "heir": {"extends": "swept", "method_args": {"k": 3}}}}
+    rs = load_recipes(config)
+    assert rs["heir"]["method_args"]["k"] == 3
+    assert not [name for name in rs if name.startswith("heir-")]
+    assert "sweep" not in rs["heir"]
+
+
 def test_recipe_overrides_apply_to_every_recipe():
     rs = load_recipes({**BASE, "recipe_overrides": {"train": {"epochs": 1}}})
     assert all(r["train"]["epochs"] == 1 for r in rs.values())
@@ -40,7 +52,7 @@ def test_recipe_overrides_apply_to_every_recipe():
 def test_fractions_become_numbers_and_bad_values_name_the_field():
     cell = resolve_cell(BASE, "d", "a", "child", 0)
     assert cell["threat"]["eps"] == pytest.approx(8 / 255)
-    assert cell["evaluation"]["attacks"][0]["alpha"] == pytest.approx(2 / 255)
+    assert resolve_evaluation(BASE, "child")["attacks"][0]["alpha"] == pytest.approx(2 / 255)
     assert number("0.5/2", "x") == 0.25
     with pytest.raises(ConfigError, match="threat.eps"):
         number("eight", "threat.eps")
@@ -51,11 +63,71 @@ def test_cells_and_hash():
     assert cells == [("d", "a", "nfgsm", "child", 0), ("d", "a", "nfgsm", "child", 1),
                      ("d", "a", "nfgsm", "swept-k3", 0), ("d", "a", "nfgsm", "swept-k3", 1)]
     c0, c1 = resolve_cell(BASE, "d", "a", "child", 0), resolve_cell(BASE, "d", "a", "child", 1)
-    assert c0["config_hash"] != c1["config_hash"]
+    assert c0["train_hash"] != c1["train_hash"]
     again = resolve_cell(BASE, "d", "a", "child", 0)
-    assert again["config_hash"] == c0["config_hash"]
-    body = {k: v for k, v in c0.items() if k != "config_hash"}
-    assert config_hash(body) == c0["config_hash"]
+    assert again["train_hash"] == c0["train_hash"]
+    body = {k: v for k, v in c0.items() if k != "train_hash"}
+    assert config_hash(body) == c0["train_hash"]
+
+
+def _with(config, **changes):
+    out = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        *keys, last = dotted.split("__")
+        node = out
+        for key in keys:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
+@pytest.mark.parametrize("change", [
+    {"evaluation__attacks": [{"name": "fgsm"}]},                 # a new attack list
+    {"evaluation__autoattack": {"version": "standard", "n": 7}},  # AutoAttack subset size
+    {"recipes__child__evaluation": {"n": 50}},                   # a recipe's own evaluation
+    {"recipes__child__notes": "a new note"},
+    {"recipes__child__paper": "another citation"},
+    {"recipes__child__published": {"rows": [{"paper": "X"}]}},
+    {"threads": 8}, {"device": "cpu"}, {"meter": "null"},        # where it runs
+])
+def test_evaluation_notes_and_execution_settings_leave_the_training_identity(change):
+    changed = _with(BASE, **change)
+    assert resolve_cell(changed, "d", "a", "child", 0) == resolve_cell(BASE, "d", "a", "child", 0)
+
+
+@pytest.mark.parametrize("change", [
+    {"recipes__child__train": {"epochs": 11}},
+    {"recipes__child__method_args": {"alpha_ratio": 0.5}},
+    {"recipes__child__threat": {"eps": "4/255"}},
+    {"recipes__child__normalization": "none"},
+    {"datasets__d__val_size": 100},
+    {"archs__a__width": 0.25},
+    {"amp": "bf16"}, {"channels_last": True}, {"compile": True},  # change the arithmetic
+])
+def test_training_settings_change_the_training_identity(change):
+    changed = _with(BASE, **change)
+    assert (resolve_cell(changed, "d", "a", "child", 0)["train_hash"]
+            != resolve_cell(BASE, "d", "a", "child", 0)["train_hash"])
+
+
+def test_evaluation_identity_merges_recipe_over_config_and_hashes_it():
+    config = _with(BASE, recipes__child__evaluation={"n": 50}, evaluation__checkpoints=["last"])
+    spec = resolve_evaluation(config, "child")
+    assert spec["n"] == 50 and spec["attacks"] == resolve_evaluation(BASE, "child")["attacks"]
+    assert "checkpoints" not in spec   # which outputs exist, not how one is computed
+    assert spec["eval_hash"] == config_hash({k: v for k, v in spec.items() if k != "eval_hash"})
+    assert spec["eval_hash"] != resolve_evaluation(BASE, "child")["eval_hash"]
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        resolve_evaluation(BASE, "nope")
+
+
+def test_annotations_carry_text_and_published_links_for_the_tables():
+    config = _with(BASE, recipes__child__notes="n", recipes__child__published={
+        "rows": [{"paper": "P", "eps": "8/255"}]})
+    notes = recipe_annotations(load_recipes(config), ["child", "child"])
+    assert list(notes) == ["child"]
+    assert notes["child"]["notes"] == "n"
+    assert notes["child"]["published"]["rows"][0]["eps"] == pytest.approx(8 / 255)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -8,7 +8,8 @@ import torch
 from methods import training
 from methods.config import config_hash
 from methods.results import read_result, validate
-from methods.training import build_schedule, is_catastrophic_overfitting, train_cell
+from methods.builders import build_schedule
+from methods.training import is_catastrophic_overfitting, train_cell
 
 
 def schedule_values(spec, opt_name="sgd", steps_per_epoch=5, epochs=2, lr=0.2):
@@ -67,31 +68,34 @@ def tiny_cell(method="nfgsm", method_args=None, epochs=3):
                   "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
                   "schedule": {"name": "cyclic", "peak_at": 0.5},
                   "monitor": {"n": 40, "steps": 2}},
-        "evaluation": {"batch_size": 200, "n": 100, "seed": 0,
-                       "attacks": [{"name": "pgd", "steps": 5, "alpha": 0.1, "restarts": 2}]},
-        "paper": "", "notes": "", "published": {}, "seed": 3,
-        "runtime": {"device": "cpu", "threads": 1, "meter": "null"},
+        "seed": 3,
+        "runtime": {"amp": None, "channels_last": None, "compile": None},
     }
-    cell["config_hash"] = config_hash(cell)
+    return rehash(cell)
+
+
+def rehash(cell):
+    cell["train_hash"] = config_hash({k: v for k, v in cell.items() if k != "train_hash"})
     return cell
 
 
 def run(cell, root, out):
-    return train_cell(cell, root / "data", root / "prepared", out, out / "train.json")
+    return train_cell(cell, root / "data", root / "prepared", out, out / "train.json",
+                      device="cpu", threads=1, meter_backend="null")
 
 
 def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path, monkeypatch):
     cell = tiny_cell("bb", {"m": 2, "selection": "gs"})
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
 
-    real_epoch = training._run_epoch
+    real_epoch = training.run_epoch
 
     def dies_in_epoch_2(*args, **kwargs):
         if args[-2] == 2:  # epoch index
             raise KeyboardInterrupt("killed")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_run_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run(cell, mnist5k_prepared, tmp_path / "killed")
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -99,7 +103,7 @@ def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path, monk
     assert (ckpts / "state.pt").exists()
     for output in ("best.pt", "last.pt"):  # Snakemake deletes a failed job's outputs
         (ckpts / output).unlink(missing_ok=True)
-    monkeypatch.setattr(training, "_run_epoch", real_epoch)
+    monkeypatch.setattr(training, "run_epoch", real_epoch)
     resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
 
     assert resumed["resumed_from_epoch"] == 2
@@ -118,7 +122,7 @@ def test_changed_config_does_not_resume_from_a_stale_state(mnist5k_prepared, tmp
     run(cell, mnist5k_prepared, tmp_path)
     other = copy.deepcopy(cell)
     other["train"]["optimizer"]["lr"] = 0.01
-    other["config_hash"] = config_hash({k: v for k, v in other.items() if k != "config_hash"})
+    rehash(other)
     record = run(other, mnist5k_prepared, tmp_path)
     assert record["resumed_from_epoch"] is None
     assert list((tmp_path / "checkpoints").glob("state.stale-*.pt"))
@@ -141,7 +145,7 @@ def test_train_result_is_schema_valid_and_records_passes_and_provenance(mnist5k_
 def test_bf16_autocast_and_channels_last_train_on_cpu(mnist5k_prepared, tmp_path):
     cell = tiny_cell("nfgsm", epochs=1)
     cell["runtime"].update({"amp": "bf16", "channels_last": True})
-    cell["config_hash"] = config_hash({k: v for k, v in cell.items() if k != "config_hash"})
+    rehash(cell)
     record = run(cell, mnist5k_prepared, tmp_path)
     assert record["runtime"]["precision"] == "bf16" and record["runtime"]["channels_last"]
     assert all(h["train_loss"] is not None and h["train_loss"] == h["train_loss"] for h in record["history"])
@@ -151,7 +155,7 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(mnist5k_prepared, tmp_path
 def test_torch_compile_path_trains(mnist5k_prepared, tmp_path):
     cell = tiny_cell("pgd_at", {"steps": 2, "alpha": 0.1}, epochs=1)
     cell["runtime"]["compile"] = True
-    cell["config_hash"] = config_hash({k: v for k, v in cell.items() if k != "config_hash"})
+    rehash(cell)
     record = run(cell, mnist5k_prepared, tmp_path)
     assert record["runtime"]["compile"] is True
     assert record["passes"]["per_example"] == {"forward": 3.0, "backward": 3.0}

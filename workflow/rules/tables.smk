@@ -7,8 +7,10 @@ rule aggregate:
         csv=f"{RESULTS}/tables/{{run}}.csv",
     params:
         published=config.get("published", []),
+        annotations=annotations(),
     log:
         f"{RESULTS}/logs/aggregate/{{run}}.log",
     shell:
         "{PY} -m methods aggregate --evals {input.evals:q} --markdown {output.markdown:q} "
-        "--csv {output.csv:q} --published {params.published:q} > {log} 2>&1"
+        "--csv {output.csv:q} --published {params.published:q} "
+        "--annotations {params.annotations:q} > {log} 2>&1"

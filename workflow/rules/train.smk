@@ -1,5 +1,6 @@
 rule train:
-    """Train one cell.  Resumes from checkpoints/state.pt if a killed run left one."""
+    """Train one cell.  Resumes from checkpoints/state.pt if a killed run left one.  Its only
+    parameter is the training identity, so evaluation settings never retrain."""
     input:
         manifest=f"{RESULTS}/data/{{dataset}}/manifest.json",
     output:
@@ -7,7 +8,7 @@ rule train:
         last=f"{CELL}/checkpoints/last.pt",
         best=f"{CELL}/checkpoints/best.pt",
     params:
-        cell=cell_config,
+        cell=training_identity,
         out_dir=CELL,
     threads: config["threads"]
     resources:
@@ -17,4 +18,4 @@ rule train:
     shell:
         "{PY} -m methods train --cell {params.cell:q} --data-dir {DATA:q} "
         "--prepared-dir {RESULTS}/data/{wildcards.dataset} --out-dir {params.out_dir:q} "
-        "--result {output.result:q} > {log} 2>&1"
+        "--result {output.result:q} " + WHERE + " > {log} 2>&1"
