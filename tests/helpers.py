@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from methods.models.core import Backbone, Stage
 
-class TinyNet(nn.Module):
-    """A small conv net with the project's model interface (forward_features + head)."""
+
+class TinyNet(Backbone):
+    """A small conv net with the project's model interface (a :class:`Backbone`: forward_features,
+    head, stages ``stage1`` (after the conv block) and ``features``; no ``input`` stage, since the
+    bare net has no normalization module)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 8,
                  batchnorm: bool = False) -> None:
@@ -17,16 +21,17 @@ class TinyNet(nn.Module):
         layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * size * size, 16), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(16, num_classes)
+        conv_relu = 1 + int(batchnorm)  # index of the ReLU after the conv (and BN)
+        self.declare_stages(Stage("stage1", f"body.{conv_relu}", 4, 1),
+                            Stage("features", f"body.{len(layers) - 1}", 16, 0))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
-
-class TinyMLP(nn.Module):
-    """A 16-input MLP with the model interface; optional BatchNorm and Dropout (1x4x4 inputs)."""
+class TinyMLP(Backbone):
+    """A 16-input MLP with the model interface (a :class:`Backbone` whose only stage is
+    ``features``, the body's last module); optional BatchNorm and Dropout (1x4x4 inputs)."""
 
     def __init__(self, bn: bool = False, dropout: float = 0.0, classes: int = 3) -> None:
         super().__init__()
@@ -38,12 +43,10 @@ class TinyMLP(nn.Module):
             layers.append(nn.Dropout(dropout))
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(12, classes)
+        self.declare_stages(Stage("features", f"body.{len(layers) - 1}", 12, 0))
 
     def forward_features(self, x):
         return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
 
 
 def toy_batch(n: int = 16, channels: int = 1, size: int = 8, classes: int = 10, seed: int = 0):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods.models import NormedLinear, arch_defaults, build_model
+from methods.models import (FEATURES_STAGE, INPUT_STAGE, Backbone, NormedLinear, Stage,
+                            arch_defaults, build_model)
 from methods.registry import MODELS
 
 SLIM = 0.0625
@@ -37,6 +38,10 @@ EXPECTED_PARAMS = {
     ("resnet18_sat", C32, ()): {10: 11_173_962, 100: 11_220_132},
     ("smallcnn", M28, ()): {10: 1_199_882},
 }
+
+
+#: Arch args that keep the stage tests fast (the stage list does not depend on depth).
+FAST_ARGS = {"wrn": {"depth": 10}}
 
 
 def n_params(model: nn.Module) -> int:
@@ -203,6 +208,132 @@ def test_spec_records_resolved_arch_args():
     assert model.spec["name"] == "wrn" and model.spec["width"] == SLIM
     assert model.spec["arch_args"] == {**arch_defaults("wrn"), "depth": 16}
     assert arch_defaults("wrn")["dropout"] == 0.3  # N-FGSM and BB both use 0.3
+
+
+# --- stages: declared, observed, used -------------------------------------------------------
+
+def fast(name, shape=(3, 32, 32)):
+    return build(name, shape, num_classes=7, width=0.125, **FAST_ARGS.get(name, {})).eval()
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_stage_list_is_declared(name):
+    model = fast(name)
+    info = model.feature_info
+    names = model.stage_names()
+    assert names == [s.name for s in info] and len(set(names)) == len(names) >= 3
+    assert info[0] == Stage(INPUT_STAGE, "normalize", 3, 1)
+    assert model.stage_module(INPUT_STAGE) is model.normalize
+    assert info[-1].name == FEATURES_STAGE and info[-1].reduction == 0
+    assert info[-1].channels == model.feature_dim
+    assert all(s.module.startswith("net.") for s in info[1:])
+    modules = [model.stage_module(n) for n in names]
+    assert len({id(m) for m in modules}) == len(modules)
+    assert all(not list(m.parameters()) for m in (modules[0], modules[-1])), \
+        "input/features stage modules must be parameter-free"
+    assert [s.name for s in model.net.feature_info] == names[1:]
+    with pytest.raises(KeyError, match="stage1"):
+        model.stage_module("no_such_stage")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", MODELS.names())
+def test_stage_hooks_see_declared_shapes(name, shape):
+    model = fast(name, shape)
+    seen = {}
+
+    def recorder(stage):
+        return lambda mod, inputs, out: seen.setdefault(stage, []).append(tuple(out.shape))
+
+    for s in model.feature_info:
+        model.stage_module(s.name).register_forward_hook(recorder(s.name))
+    with torch.no_grad():
+        model(torch.rand(2, *shape))
+    declared = {s.name: [(2, *s.output_shape(shape))] for s in model.feature_info}
+    assert seen == declared  # every stage seen exactly once, with its declared shape
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", MODELS.names())
+def test_forward_with_features_is_the_plain_forward(name, shape):
+    model = fast(name, shape)
+    calls = []
+    model.stage_module(FEATURES_STAGE).register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        logits, feats = model.forward_with_features(x)
+        assert len(calls) == 1  # one forward
+        assert torch.equal(logits, model(x)) and torch.equal(feats, model.forward_features(x))
+    assert feats.shape == (3, model.feature_dim)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_replacing_a_stage_output_changes_the_logits(name):
+    model = fast(name)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+    for stage in model.stage_names():
+        handle = model.stage_module(stage).register_forward_hook(
+            lambda mod, inputs, out: torch.rand_like(out) + 1.0)
+        with torch.no_grad():
+            replaced = model(x)
+        handle.remove()
+        assert not torch.allclose(replaced, plain), f"stage {stage!r} output is not used"
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_stage_modules_add_no_state(name):
+    """The parameter-free stage modules (pools, ReLUs, Flatten) carry no state_dict entries."""
+    model = fast(name)
+    for stage in model.stage_names()[1:]:
+        module = model.stage_module(stage)
+        if not list(module.children()):
+            assert module.state_dict() == {}, stage
+
+
+def test_stage_output_shape_convention():
+    assert Stage("s", "m", 8, 1).output_shape((3, 28, 28)) == (8, 28, 28)
+    assert Stage("s", "m", 8, 2).output_shape((3, 28, 28)) == (8, 14, 14)
+    assert Stage("s", "m", 8, 8).output_shape((3, 28, 28)) == (8, 4, 4)   # 28 -> 14 -> 7 -> 4
+    assert Stage("s", "m", 8, 4).output_shape((3, 32, 32)) == (8, 8, 8)
+    assert Stage("s", "m", 8, 1, border=4).output_shape((1, 28, 28)) == (8, 24, 24)
+    assert Stage("features", "m", 16, 0).output_shape((3, 32, 32)) == (16,)
+    for bad in ({"channels": 0}, {"reduction": -1}, {"border": -2}, {"name": ""}, {"module": ""}):
+        with pytest.raises(ValueError):
+            Stage(**{"name": "s", "module": "m", "channels": 4, "reduction": 1, **bad})
+
+
+class _Undeclared(Backbone):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.Flatten(1)
+        self.head = nn.Linear(4, 2)
+
+    def forward_features(self, x):
+        return self.pool(x)
+
+
+def test_backbone_requires_and_checks_its_stage_declaration():
+    net = _Undeclared()
+    with pytest.raises(TypeError, match="declares no stages"):
+        net.feature_info
+    with pytest.raises(ValueError, match="features"):
+        net.declare_stages(Stage("stage1", "pool", 4, 0))
+    with pytest.raises(ValueError, match="duplicate"):
+        net.declare_stages(Stage("features", "pool", 4, 0), Stage("features", "pool", 4, 0))
+    with pytest.raises(ValueError, match="input"):
+        net.declare_stages(Stage("a", "pool", 4, 1), Stage("input", "pool", 4, 1),
+                           Stage("features", "pool", 4, 0))
+    with pytest.raises(AttributeError, match="nope"):
+        net.declare_stages(Stage("features", "nope", 4, 0))
+    net.declare_stages(Stage("features", "pool", 4, 0))
+    x = torch.rand(3, 4)
+    assert torch.equal(net(x), net.head(net.pool(x)))
+    logits, feats = net.forward_with_features(x)
+    assert torch.equal(logits, net(x)) and torch.equal(feats, x)
 
 
 # --- per-architecture facts of the official codes ------------------------------------------

@@ -1,4 +1,4 @@
-"""The model seam: in-model normalization, the features/head split, and the one factory.
+"""The model seam: in-model normalization, the features/head split, named stages, the one factory.
 
 Every network in advrepro takes images in [0, 1] and normalizes them itself, so attacks, epsilons
 and projections always live in pixel space and no loader ever normalizes (STYLE.md: no
@@ -6,9 +6,20 @@ normalization outside the model).  A registered architecture is a builder
 
     builder(num_classes, in_channels, image_size, width, **arch_args) -> net
 
-whose ``net`` has ``forward_features(x) -> (B, D)`` (penultimate features) and a ``head`` linear
-layer with ``net(x) == net.head(net.forward_features(x))``.  :func:`build_model` validates the
-arguments, calls the builder and wraps the net in :class:`NormalizedModel`.
+whose ``net`` is a :class:`Backbone`: it implements ``forward_features(x) -> (B, D)`` (penultimate
+features), has a ``head`` linear layer, inherits ``net(x) == net.head(net.forward_features(x))``,
+and declares its ordered hidden :class:`Stage` s (like timm's ``feature_info``).
+:func:`build_model` validates the arguments, calls the builder and wraps the net in
+:class:`NormalizedModel`, whose stages are ``"input"`` (the output of ``normalize``), the net's own
+stages (``"stage1"``, ``"stage2"``, ... after each residual stage / conv block) and ``"features"``
+(the penultimate features entering the head).
+
+A stage is the *output of one submodule*, called exactly once per forward and used downstream,
+so a forward hook on ``model.stage_module(name)`` sees that tensor and a hook that returns a
+replacement changes everything after it (manifold mixup, BatchOut); the pass counter counts
+forwards and backwards at the ``"features"`` stage.  Where a net would pool or activate
+functionally, it calls a parameter-free module instead (:class:`GlobalAvgPool`, ``nn.ReLU``,
+``nn.Flatten``): same numbers, same ``state_dict`` keys and parameter counts.
 
 ``width`` multiplies every channel count (``max(1, round(c * width))``) so CPU tests and smoke runs
 can use slim nets; ``width=1.0`` is the official architecture, parameter for parameter.
@@ -16,7 +27,9 @@ can use slim nets; ``width=1.0`` is the official architecture, parameter for par
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Sequence, Tuple
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +43,11 @@ from ..registry import MODELS
 #: (e.g. BB's ``fc_input_dim_scale`` for 64x64), so they are refused rather than guessed.
 CIFAR_IMAGE_SIZES: Tuple[int, ...] = (28, 32)
 
+#: The first stage of every :class:`NormalizedModel`: the normalized input.
+INPUT_STAGE = "input"
+#: The last stage of every :class:`Backbone`: the penultimate features entering the head.
+FEATURES_STAGE = "features"
+
 
 def scale_channels(channels: int, width: float) -> int:
     """``channels`` times the width multiplier, rounded, at least 1."""
@@ -42,9 +60,120 @@ def check_image_size(arch: str, image_size: int, allowed: Sequence[int] = CIFAR_
                          f"got image_size={image_size}")
 
 
-def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C): the mean over all positions."""
-    return F.adaptive_avg_pool2d(x, 1).flatten(1)
+@dataclass(frozen=True)
+class Stage:
+    """One named hidden tensor of a model: the forward output of the submodule at ``module``.
+
+    ``module`` is a dotted submodule path relative to the model that lists the stage (for a
+    :class:`NormalizedModel`, e.g. ``"net.layer1"``; the wrapper prefixes the net's own paths).
+    ``channels`` is the tensor's channel count (the width for a flat stage).  ``reduction`` is the
+    spatial downsampling factor relative to the input, or ``0`` for a flat ``(B, channels)`` stage
+    (``"features"`` always is).  ``border`` is the number of pixels per side length lost to valid
+    (unpadded) convolutions before any downsampling (SmallCNN; 0 for padded nets).  The declared
+    shape for a ``(C, H, W)`` image is :meth:`output_shape`: ``(channels, ceil((H - border) / r),
+    ceil((W - border) / r))`` (padded stride-2 convs and stride-2 subsampling round up, e.g.
+    28 -> 14 -> 7 -> 4), or ``(channels,)`` when ``reduction == 0``.
+    """
+
+    name: str
+    module: str
+    channels: int
+    reduction: int
+    border: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name):
+            raise ValueError(f"stage name must be a non-empty str; got {self.name!r}")
+        if not (isinstance(self.module, str) and self.module):
+            raise ValueError(f"stage {self.name!r}: module must be a dotted path; got {self.module!r}")
+        for field, least in (("channels", 1), ("reduction", 0), ("border", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"stage {self.name!r}: {field} must be an int >= {least}; "
+                                 f"got {value!r}")
+
+    def output_shape(self, image_shape: Sequence[int]) -> Tuple[int, ...]:
+        """The stage tensor's shape without the batch dimension, for ``(C, H, W)`` input."""
+        if self.reduction == 0:
+            return (self.channels,)
+        _, height, width = (int(s) for s in image_shape)
+        return (self.channels,
+                math.ceil((height - self.border) / self.reduction),
+                math.ceil((width - self.border) / self.reduction))
+
+
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C): the mean over all positions (a module, so it can be a stage)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class Backbone(nn.Module):
+    """Base of every registered net: ``forward(x) = head(forward_features(x))`` and named stages.
+
+    A subclass implements ``forward_features(x) -> (B, D)``, has ``self.head`` (an ``nn.Linear``
+    with ``in_features == D``) and, at the end of ``__init__``, calls :meth:`declare_stages` with
+    its ordered stages: one after each residual stage / conv block, then ``"features"``, the
+    ``(B, D)`` tensor ``forward_features`` returns (``reduction=0``).  Each stage's module must be
+    called exactly once per forward, and its output must be the tensor used downstream.
+    """
+
+    head: nn.Linear
+
+    def declare_stages(self, *stages: Stage) -> None:
+        """Record the ordered stages (checked: unique names, resolvable modules, ``"input"``
+        only first, ``"features"`` last and flat)."""
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{type(self).__name__}: duplicate stage names in {names}")
+        if not stages or names[-1] != FEATURES_STAGE or stages[-1].reduction != 0:
+            raise ValueError(f"{type(self).__name__}: the last stage must be a flat "
+                             f"{FEATURES_STAGE!r} stage (reduction=0); got {names}")
+        if INPUT_STAGE in names[1:]:
+            raise ValueError(f"{type(self).__name__}: {INPUT_STAGE!r} may only be the first stage")
+        for s in stages:
+            self.get_submodule(s.module)  # AttributeError naming the path on a typo
+        self._stages = tuple(stages)
+
+    @property
+    def feature_info(self) -> List[Stage]:
+        """The declared stages, in forward order."""
+        stages = getattr(self, "_stages", None)
+        if stages is None:
+            raise TypeError(f"{type(self).__name__} declares no stages; call "
+                            f"self.declare_stages(...) at the end of __init__")
+        return list(stages)
+
+    def stage_names(self) -> List[str]:
+        return [s.name for s in self.feature_info]
+
+    def stage(self, name: str) -> Stage:
+        """The :class:`Stage` called ``name``; a ``KeyError`` listing the names on a miss."""
+        for s in self.feature_info:
+            if s.name == name:
+                return s
+        raise KeyError(f"{type(self).__name__} has no stage {name!r}; stages: {self.stage_names()}")
+
+    def stage_module(self, name: str) -> nn.Module:
+        """The submodule whose forward output is stage ``name`` (hook it to read or replace it)."""
+        return self.get_submodule(self.stage(name).module)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_features")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, features)`` from one forward; equal to ``(self(x), self.forward_features(x))``.
+        (Module hooks on the model itself do not fire: it calls the parts, not ``self``.)"""
+        features = self.forward_features(x)
+        return self.head(features), features
 
 
 class NormedLinear(nn.Linear):
@@ -89,21 +218,28 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-class NormalizedModel(nn.Module):
-    """A registered net with its input normalization inside.
+class NormalizedModel(Backbone):
+    """A registered :class:`Backbone` with its input normalization inside.
 
     ``forward(x)`` takes a float batch ``(B, C, H, W)`` in [0, 1] and returns logits
     ``(B, num_classes)``.  ``forward_features(x)`` returns the penultimate features ``(B, D)``
-    (after normalization and the net's final pooling), and ``forward(x) == head(forward_features(x))``.
+    (after normalization and the net's final pooling), and ``forward(x) == head(forward_features(x))``;
+    ``forward_with_features(x)`` returns both from one forward.  ``feature_info`` is
+    ``[Stage("input", "normalize", C, 1)]`` followed by the net's stages with ``"net."``-prefixed
+    module paths, so ``stage_module(name)`` is a submodule of this model.
     ``spec`` records how the model was built (name, shapes, width, resolved arch args).
     """
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
+    def __init__(self, net: Backbone, mean: Sequence[float], std: Sequence[float],
                  spec: Dict[str, Any] | None = None) -> None:
         super().__init__()
+        if not isinstance(net, Backbone):
+            raise TypeError(f"NormalizedModel wraps a Backbone; got {type(net).__name__}")
         self.normalize = Normalize(mean, std)
         self.net = net
         self.spec: Dict[str, Any] = dict(spec or {})
+        self.declare_stages(Stage(INPUT_STAGE, "normalize", int(self.normalize.mean.shape[1]), 1),
+                            *(replace(s, module=f"net.{s.module}") for s in net.feature_info))
 
     @property
     def head(self) -> nn.Linear:
@@ -117,15 +253,8 @@ class NormalizedModel(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.net.head.in_features
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.normalize(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _keyword_params(builder) -> Dict[str, Any]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .core import check_image_size, global_avg_pool, scale_channels
+from .core import Backbone, GlobalAvgPool, Stage, check_image_size, scale_channels
 
 
 class PreActBlock(nn.Module):
@@ -54,7 +54,10 @@ class PreActBlock(nn.Module):
         return out + residual
 
 
-class PreActResNet18(nn.Module):
+class PreActResNet18(Backbone):
+    """Stages: ``stage1``..``stage4`` (outputs of ``layer1``..``layer4``, reductions 1, 2, 4, 8),
+    then ``features`` (``pool``: global average pooling, after the final BN + ReLU if any)."""
+
     def __init__(self, num_classes: int, in_channels: int, width: float, final_bn: bool,
                  preact_shortcut: bool) -> None:
         super().__init__()
@@ -68,16 +71,18 @@ class PreActResNet18(nn.Module):
             in_planes = p
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn = nn.BatchNorm2d(planes[3]) if final_bn else None
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(planes[3], num_classes)
+        self.declare_stages(
+            *(Stage(f"stage{i}", f"layer{i}", p, r)
+              for i, (p, r) in enumerate(zip(planes, (1, 2, 4, 8)), start=1)),
+            Stage("features", "pool", planes[3], 0))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         if self.bn is not None:
             out = F.relu(self.bn(out))
-        return global_avg_pool(out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.pool(out)
 
 
 @MODELS.register("preactresnet18")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .core import NormedLinear, check_image_size, global_avg_pool, scale_channels
+from .core import Backbone, GlobalAvgPool, NormedLinear, Stage, check_image_size, scale_channels
 
 
 class OptionAShortcut(nn.Module):
@@ -53,7 +53,10 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
+    """Stages: ``stage1``..``stage3`` (outputs of ``layer1``..``layer3``, reductions 1, 2, 4),
+    then ``features`` (``pool``: global average pooling)."""
+
     def __init__(self, num_classes: int, in_channels: int, width: float, blocks_per_stage: int,
                  normed_head: bool) -> None:
         super().__init__()
@@ -69,19 +72,21 @@ class CifarResNet(nn.Module):
                 in_planes = p
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(planes[2], num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
         if normed_head:  # built after the init loop: the official NormedLinear keeps its own init
             self.head = NormedLinear(planes[2], num_classes)
+        self.declare_stages(
+            *(Stage(f"stage{i}", f"layer{i}", p, r)
+              for i, (p, r) in enumerate(zip(planes, (1, 2, 4)), start=1)),
+            Stage("features", "pool", planes[2], 0))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return global_avg_pool(self.layer3(self.layer2(self.layer1(out))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.pool(self.layer3(self.layer2(self.layer1(out))))
 
 
 @MODELS.register("resnet32")

@@ -18,7 +18,7 @@ from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock
 
 from ..registry import MODELS
-from .core import check_image_size, scale_channels
+from .core import Backbone, Stage, check_image_size, scale_channels
 
 RESNET18_PLANES = (64, 128, 256, 512)
 
@@ -33,7 +33,10 @@ def _torchvision_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class TorchvisionResNet18(nn.Module):
+class TorchvisionResNet18(Backbone):
+    """Stages: ``stage1``..``stage4`` (outputs of ``model.layer1``..``model.layer4``, reductions
+    1, 2, 4, 8), then ``features`` (``flatten``, an ``nn.Flatten`` after ``model.avgpool``)."""
+
     def __init__(self, num_classes: int, in_channels: int, width: float) -> None:
         super().__init__()
         net = resnet18(weights=None, num_classes=num_classes)
@@ -49,6 +52,11 @@ class TorchvisionResNet18(nn.Module):
         net.conv1 = nn.Conv2d(in_channels, planes[0], kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
         self.model = net
+        self.flatten = nn.Flatten(1)  # parameter-free: the features stage is a module output
+        self.declare_stages(
+            *(Stage(f"stage{i}", f"model.layer{i}", p, r)
+              for i, (p, r) in enumerate(zip(planes, (1, 2, 4, 8)), start=1)),
+            Stage("features", "flatten", planes[3], 0))
 
     @property
     def head(self) -> nn.Linear:
@@ -64,10 +72,7 @@ class TorchvisionResNet18(nn.Module):
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-        return torch.flatten(m.avgpool(x), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.flatten(m.avgpool(x))
 
 
 @MODELS.register("resnet18_sat")

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .core import scale_channels
+from .core import Backbone, Stage, scale_channels
 
 MIN_IMAGE_SIZE = 6  # two valid 3x3 convs and a 2x2 max-pool leave at least one pixel
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
+    """Stages: ``stage1`` (``relu1``, after conv1; valid conv: border 2), ``stage2`` (``relu2``,
+    after conv2; border 4), then ``features`` (``relu3``, after fc1).  The ReLUs are separate
+    parameter-free modules so each stage is one module's output."""
+
     def __init__(self, num_classes: int, in_channels: int, image_size: int, width: float) -> None:
         super().__init__()
         c1, c2, hidden = (scale_channels(c, width) for c in (32, 64, 128))
@@ -30,14 +34,15 @@ class SmallCNN(nn.Module):
         self.conv2 = nn.Conv2d(c1, c2, 3, 1)
         self.fc1 = nn.Linear(c2 * side * side, hidden)
         self.head = nn.Linear(hidden, num_classes)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.declare_stages(Stage("stage1", "relu1", c1, 1, border=2),
+                            Stage("stage2", "relu2", c2, 1, border=4),
+                            Stage("features", "relu3", hidden, 0))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
         x = torch.flatten(F.max_pool2d(x, 2), 1)
-        return F.relu(self.fc1(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.relu3(self.fc1(x))
 
 
 @MODELS.register("smallcnn")

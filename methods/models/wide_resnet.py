@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .core import check_image_size, global_avg_pool, scale_channels
+from .core import Backbone, GlobalAvgPool, Stage, check_image_size, scale_channels
 
 VARIANTS = ("meliketoy", "bearpaw")
 
@@ -77,7 +77,10 @@ class BearpawBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
-class WideResNet(nn.Module):
+class WideResNet(Backbone):
+    """Stages: ``stage1``..``stage3`` (outputs of ``layer1``..``layer3``, reductions 1, 2, 4),
+    then ``features`` (``pool``: global average pooling after the final BN + ReLU)."""
+
     def __init__(self, num_classes: int, in_channels: int, width: float, depth: int,
                  widen_factor: int, dropout: float, variant: str, conv_init: bool) -> None:
         super().__init__()
@@ -97,7 +100,12 @@ class WideResNet(nn.Module):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.bn = nn.BatchNorm2d(stages[3], momentum=0.9 if meliketoy else 0.1)
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(stages[3], num_classes)
+        self.declare_stages(
+            *(Stage(f"stage{i}", f"layer{i}", p, r)
+              for i, (p, r) in enumerate(zip(stages[1:], (1, 2, 4)), start=1)),
+            Stage("features", "pool", stages[3], 0))
         if meliketoy and conv_init:
             self._meliketoy_conv_init()
         elif not meliketoy:
@@ -125,10 +133,7 @@ class WideResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return global_avg_pool(F.relu(self.bn(out)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.pool(F.relu(self.bn(out)))
 
 
 @MODELS.register("wrn")
