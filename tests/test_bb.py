@@ -340,7 +340,7 @@ def test_registered_with_official_defaults_and_validation():
     assert d["m"] == 5 and d["variant"] == "single" and d["init"] == "tlhs"
     assert d["regenerate"] == "epoch" and d["attack_mode"] == "eval"
     assert d["cp_radius_rule"] == "max" and d["steps"] == 1 and d["alpha"] == EPS
-    assert d["radius"] == 2 * EPS and d["project"] is False
+    assert d["radius_ratio"] == 2.0 and "radius" not in d   # declared parameters only
     with pytest.raises(ValueError, match="selection"):
         BatchInBatch(threat=LINF, selection="A")
     with pytest.raises(ValueError, match="threat.norm"):
