@@ -1,13 +1,16 @@
-"""The four baselines against their specs: perturbation geometry, attack mode, pass counts."""
+"""The four baselines against their specs: perturbation geometry, attack mode, pass counts, and
+the SVHN eps ramp shared by N-FGSM, FGSM-RS and PGD-AT."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import methods.algorithms  # noqa: F401
+from methods.attacks import input_gradient, pgd
 from methods.algorithms.base import ModelMode, attack_mode
+from methods.algorithms.ramp import eps_ramp
 from methods.measure.passes import PassCounter, sum_passes
 from methods.registry import METHODS
-from methods.threat import ThreatModel
+from methods.threat import ThreatModel, clamp_to_image
 from tests.helpers import TinyNet, make_ctx, toy_batch
 
 EPS = 8 / 255
@@ -58,12 +61,107 @@ def test_nfgsm_step_is_eta_plus_alpha_sign_grad():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-def test_nfgsm_eps_ramp_is_linear_over_the_first_epochs():
-    m = METHODS.get("nfgsm")(threat=ThreatModel("linf", EPS), eps_ramp_epochs=5)
+# --------------------------------------------------------------- the SVHN eps ramp (ramp.py)
+RAMPED = ["nfgsm", "fgsm_rs", "pgd_at"]
+
+
+def test_eps_ramp_is_zero_at_the_first_step_linear_and_one_after_its_epochs():
+    """N-FGSM train.py: factor = min(iter_count / (5 * len(train_loader)), 1), iter_count from 0."""
     model = TinyNet()
-    assert m.ramp(make_ctx(model, epoch=0, step=0, steps_per_epoch=10)) == pytest.approx(1 / 50)
-    assert m.ramp(make_ctx(model, epoch=2, step=4, steps_per_epoch=10)) == pytest.approx(25 / 50)
-    assert m.ramp(make_ctx(model, epoch=7, step=0, steps_per_epoch=10)) == 1.0
+    factors = [eps_ramp(make_ctx(model, epoch=g // 10, step=g % 10, steps_per_epoch=10), 5)
+               for g in range(70)]
+    assert factors[0] == 0.0
+    assert factors[25] == 0.5
+    assert factors == [min(1.0, g / 50) for g in range(70)]
+    assert factors[50:] == [1.0] * 20
+    assert eps_ramp(make_ctx(model, epoch=0, step=0), 0) == 1.0   # 0 epochs: no ramp
+
+
+@pytest.mark.parametrize("name", RAMPED)
+@pytest.mark.parametrize("epoch,step,factor", [(0, 0, 0.0), (1, 5, 0.3), (4, 9, 0.98),
+                                               (5, 0, 1.0), (9, 3, 1.0)])
+def test_each_method_reports_the_ramped_eps(name, epoch, step, factor):
+    x, y = toy_batch(8)
+    model = TinyNet().train()
+    ctx = make_ctx(model, epoch=epoch, step=step, steps_per_epoch=10, epochs=10)
+    METHODS.get(name)(threat=ThreatModel("linf", EPS), eps_ramp_epochs=5).loss(model, x, y, ctx)
+    assert ctx.stats["eps"] == pytest.approx(EPS * factor, abs=1e-12)
+    ctx = make_ctx(model, epoch=epoch, step=step, steps_per_epoch=10, epochs=10)
+    METHODS.get(name)(threat=ThreatModel("linf", EPS)).loss(model, x, y, ctx)
+    assert ctx.stats["eps"] == EPS, "ramp off: eps unchanged"
+
+
+@pytest.mark.parametrize("name", RAMPED)
+def test_the_first_ramped_step_trains_on_clean_inputs_and_later_ones_stay_in_the_ramped_ball(name):
+    x, y = toy_batch(64)
+    x = x * 0.5 + 0.25
+    threat = ThreatModel("linf", EPS)
+    method = METHODS.get(name)(threat=threat, eps_ramp_epochs=5)
+    model = Spy(TinyNet()).train()
+    method.loss(model, x, y, make_ctx(model, epoch=0, step=0, steps_per_epoch=10))
+    assert torch.equal(model.seen[-1][0], x)
+    method.loss(model, x, y, make_ctx(model, epoch=1, step=0, steps_per_epoch=10))  # factor 1/5
+    radius = (method.k + 1) * EPS / 5 if name == "nfgsm" else EPS / 5
+    delta = model.seen[-1][0] - x
+    assert delta.abs().max() <= radius + 1e-6 and delta.abs().max() > 0.5 * EPS / 5
+
+
+def test_fgsm_rs_ramps_start_step_and_projection_together():
+    """N-FGSM train.py with --unif 1 --clip 1 ramps epsilon, alpha and clip by one factor."""
+    x, y = toy_batch(16)
+    model = TinyNet().train()
+    got = METHODS.get("fgsm_rs")(threat=ThreatModel("linf", EPS), eps_ramp_epochs=5).loss(
+        model, x, y, make_ctx(model, epoch=2, step=5, steps_per_epoch=10, seed=3))
+    small = ThreatModel("linf", EPS * 0.5)
+    expected = _fgsm_rs_reference(model, x, y, small, 1.25, seed=3)
+    assert torch.equal(got, expected)
+
+
+def test_pgd_at_ramps_eps_but_keeps_its_absolute_step(monkeypatch):
+    """GradAlign's SVHN PGD (the official PGD-on-SVHN code): eps ramped, pgd_alpha_train fixed."""
+    import methods.algorithms.pgd_at as pgd_at_module
+    calls = []
+    real = pgd_at_module.pgd
+
+    def spy(model, x, y, threat, **kw):
+        calls.append((threat.eps, kw["alpha"], kw["steps"]))
+        return real(model, x, y, threat, **kw)
+
+    monkeypatch.setattr(pgd_at_module, "pgd", spy)
+    x, y = toy_batch(8)
+    model = TinyNet().train()
+    METHODS.get("pgd_at")(threat=ThreatModel("linf", EPS), steps=3, alpha=2 / 255,
+                          eps_ramp_epochs=5).loss(model, x, y, make_ctx(model, epoch=1, step=0))
+    assert calls == [(pytest.approx(EPS / 5), 2 / 255, 3)]
+
+
+def _fgsm_rs_reference(model, x, y, threat, alpha_ratio, seed):
+    """FGSM-RS's loss exactly as written before the ramp existed (locuslab train_fgsm.py)."""
+    g = torch.Generator().manual_seed(seed)
+    delta = clamp_to_image(x, threat.random_start(x, generator=g))
+    grad = input_gradient(model, x, delta, y)
+    delta = threat.ascent(delta, grad, alpha_ratio * threat.eps)
+    delta = clamp_to_image(x, threat.project(delta))
+    return F.cross_entropy(model(x + delta.detach()), y)
+
+
+@pytest.mark.parametrize("ramp_epochs,epoch", [(0, 0), (0, 3), (5, 5), (5, 9)])
+def test_fgsm_rs_and_pgd_at_without_an_active_ramp_are_bit_for_bit_the_unramped_step(ramp_epochs,
+                                                                                    epoch):
+    """Ramp off (0 epochs) or over (factor 1): the same numbers as the pre-ramp code."""
+    x, y = toy_batch(16)
+    threat = ThreatModel("linf", EPS)
+    model = TinyNet(batchnorm=True).train()
+    ctx = make_ctx(model, epoch=epoch, step=0, steps_per_epoch=10, epochs=10, seed=7)
+    got = METHODS.get("fgsm_rs")(threat=threat, eps_ramp_epochs=ramp_epochs).loss(model, x, y, ctx)
+    assert torch.equal(got, _fgsm_rs_reference(model, x, y, threat, 1.25, seed=7))
+
+    ctx = make_ctx(model, epoch=epoch, step=0, steps_per_epoch=10, epochs=10, seed=7)
+    got = METHODS.get("pgd_at")(threat=threat, steps=4, alpha=2 / 255,
+                                eps_ramp_epochs=ramp_epochs).loss(model, x, y, ctx)
+    x_adv = pgd(model, x, y, threat, alpha=2 / 255, steps=4,
+                generator=torch.Generator().manual_seed(7))
+    assert torch.equal(got, F.cross_entropy(model(x_adv), y))
 
 
 @pytest.mark.parametrize("name,expected_mode", [("nfgsm", True), ("fgsm_rs", True), ("pgd_at", True)])

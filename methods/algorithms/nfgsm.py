@@ -6,8 +6,10 @@ signed-gradient step of size alpha (= eps) from x + eta; the result is clamped t
 projected onto the eps-ball (official ``clip=-1``), so ||delta||_inf can reach (k + 1) eps.
 The official code attacks in train mode.
 
-``eps_ramp_epochs`` reproduces the official SVHN recipe: eps and alpha grow linearly from 0 to
-their full values over the first epochs, per iteration.
+``eps_ramp_epochs`` (default 0 = off; 5 in the SVHN recipes) reproduces the official SVHN
+warm-up (``train.py`` L149-156, L206-211; :mod:`.ramp`): the noise radius k eps and the step alpha
+are both multiplied by ``global_step / (E * S)`` (capped at 1), so the first step uses eps = 0.
+The eps in use is reported as ``ctx.stats["eps"]``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ..attacks import input_gradient
 from ..registry import METHODS
 from ..threat import clamp_to_image
 from .base import Method, ModelMode, attack_mode
+from .ramp import eps_ramp
 
 
 @METHODS.register("nfgsm")
@@ -32,14 +35,8 @@ class NFGSM(Method):
         self.attack_mode = ModelMode(attack_mode)
         self.eps_ramp_epochs = float(eps_ramp_epochs)
 
-    def ramp(self, ctx) -> float:
-        """Factor in (0, 1] applied to eps and alpha (1 when there is no ramp)."""
-        if self.eps_ramp_epochs <= 0:
-            return 1.0
-        return min(1.0, (ctx.global_step + 1) / (self.eps_ramp_epochs * ctx.steps_per_epoch))
-
     def loss(self, model, x, y, ctx):
-        eps = self.threat.eps * self.ramp(ctx)
+        eps = self.threat.eps * eps_ramp(ctx, self.eps_ramp_epochs)
         with attack_mode(model, self.attack_mode), ctx.counter.phase("attack"):
             eta = clamp_to_image(x, self.threat.random_start(x, radius=self.k * eps,
                                                              generator=ctx.generator))
