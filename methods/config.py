@@ -247,8 +247,9 @@ def resolve_evaluation(config: Mapping[str, Any], recipe: str,
 def recipe_annotations(recipes: Mapping[str, Dict[str, Any]], names) -> Dict[str, Dict[str, Any]]:
     """``{recipe: {paper, notes, published}}`` for the tables: text and published-row links that
     change no computed number, so editing them reruns only the tables."""
+    # Published links stay as written: they are matched as text against the published CSVs.
     return {name: {"paper": recipes[name].get("paper", ""), "notes": recipes[name].get("notes", ""),
-                   "published": _numbers(recipes[name].get("published", {}), f"{name}.published")}
+                   "published": recipes[name].get("published", {})}
             for name in sorted(set(names))}
 
 
