@@ -1,0 +1,59 @@
+"""The package's layering, read from the source: stages are siblings over shared builders."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from methods.config import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "methods"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def imports(path: Path):
+    """(module imported, names imported) for every import in ``path``, resolved to absolute
+    ``methods.*`` names for relative imports."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            yield module, [alias.name for alias in node.names]
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_no_module_imports_a_private_name_of_another(path):
+    private = [(module, name) for module, names in imports(path) for name in names
+               if name.startswith("_") and not name.startswith("__") and module != "__future__"]
+    assert not private, f"{module_name(path)} imports private names {private}"
+
+
+def imported_modules(name: str):
+    path = REPO_ROOT / (name.replace(".", "/") + ".py")
+    return {module for module, _ in imports(path)} | {
+        f"{module}.{n}" for module, names in imports(path) for n in names}
+
+
+def test_evaluation_does_not_import_the_training_loop():
+    assert not any(m == "methods.training" or m.startswith("methods.training.")
+                   for m in imported_modules("methods.evaluation"))
+
+
+@pytest.mark.parametrize("name", ["methods.tables", "methods.cost_plot", "methods.config",
+                                  "methods.attack_specs"])
+def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
+    mods = imported_modules(name)
+    assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
+    assert not mods & {"methods.training", "methods.evaluation", "methods.bench",
+                       "methods.builders"}, mods
