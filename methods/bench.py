@@ -2,9 +2,10 @@
 
 ``python -m methods bench --config workflow/config/bench.yaml --out-dir DIR`` (Snakemake rule
 ``bench``) runs :func:`run_bench`.  For each benched recipe x arch x thread count it builds the
-model, method, optimizer and schedule with the trainer's own builders
-(:mod:`methods.training`) and feeds the trainer's own step loop (``training._run_epoch``) a
-fixed synthetic batch: images uniform in [0, 1] of the dataset's shape, labels uniform over its
+model, method (set up), optimizer and schedule exactly as training does
+(:func:`methods.builders.build_training`) and runs the trainer's own epoch loop
+(:func:`methods.training.run_epoch`) over :class:`FixedBatches`, a loader that hands out one fixed
+synthetic batch: images uniform in [0, 1] of the dataset's shape, labels uniform over its
 classes, both drawn from ``seed``.  The model's weights are the seeded initial weights.
 
 Steady state: the steps run at epoch ``train.epochs - 1`` of the recipe (config ``epoch:
@@ -13,74 +14,91 @@ clean warm-up, N-FGSM's eps ramp).  State a method draws once per epoch (BB's tL
 drawn in the warm-up steps and reused by the timed steps, i.e. its once-per-epoch cost is left
 out; ``method_stats.bb_noise_redrawn`` = 0 in ``bench.json`` shows it.
 
-Per repeat ``i`` (``repeats`` of them, after ``warmup_steps`` untimed ones), interleaved so that
-background load drifts affect numerator and denominator alike:
+**What is timed.**  ``warmup_steps`` untimed steps, then ``repeats`` timed ones.  For timed step
+``i``:
 
-* ``t_fwd_bwd[i]``: one forward + ``loss.backward()`` of the same model on the same batch (CE
-  loss, train mode, gradients of all weights, the recipe's precision);
-* ``t_fwd[i]``: one forward of the same model on the same batch under ``torch.no_grad()``;
-* ``t_step[i]``: one full training step exactly as the trainer runs it: ``method.loss`` +
-  ``zero_grad`` + ``backward`` + ``optimizer.step`` + ``scheduler.step`` (from the moment the
-  trainer receives the batch to the moment it asks for the next; loading and augmentation
-  are not included).
+* ``t_step[i]``: the full training step exactly as the trainer runs it (``method.step``, i.e.
+  ``method.loss`` + ``zero_grad`` + ``backward`` + ``optimizer.step``, then ``scheduler.step``),
+  from the moment the trainer receives the batch to the moment it asks for the next (loading
+  and augmentation are not included);
+* right after it, for every row count ``n`` in ``R_i`` = {the batch rows of every model forward
+  call step ``i`` made (read from :meth:`PassCounter.totals_by_rows`)} plus ``B``, in increasing
+  ``n``: ``T_fb(n)``, one forward + ``loss.backward()`` (CE, train mode, all weight gradients,
+  the recipe's precision and memory format) of the same model on ``n`` rows of the same
+  synthetic batch (the fixed batch sliced, or tiled then sliced when ``n > B``), and ``T_f(n)``,
+  one forward of the same under ``torch.no_grad()``.  These passes are booked to the pass phase
+  ``bench_unit`` and left out of the step's passes.
 
-Each interval is ``clock()`` after ``torch.cuda.synchronize`` on CUDA (``time.perf_counter`` by
-default).  Medians (and quartiles) are over the repeats.  With the batch size B and the passes of
-the timed steps counted by :class:`~methods.measure.passes.PassCounter` (sample-passes per step,
-by phase), the definitions are exactly::
+So the unit costs are interleaved with the steps (background drift hits both alike) and are
+measured at the row counts the phases actually run at: B for plain training, ``m B`` for BB's
+attack and (GS/CP) selection, ``(m + 1) B`` for BG's selection, the selected count for BB's
+training forward, ``k = int(rho B)`` for Selective AT's attack.  Each interval is ``clock()``
+after ``torch.cuda.synchronize`` on CUDA (``time.perf_counter`` by default).
 
-    t_fb = median(t_fwd_bwd) / B          t_f = median(t_fwd) / B          (per sample)
-    predicted = sum over phases p of  bwd_p * t_fb + (fwd_p - bwd_p) * t_f
-    overhead_ratio = median(t_step) / predicted
+**Definitions.**  With ``fwd_p(n)`` / ``bwd_p(n)`` the forward / backward sample-passes per step
+of phase ``p`` whose forward call had ``n`` rows (averaged over the timed steps; the passes of
+step ``i`` alone give ``predicted[i]``), and medians over the timed steps that measured ``n``::
+
+    t_fb(n) = median(T_fb(n)) / n          t_f(n) = median(T_f(n)) / n        (per sample)
+    predicted_p = sum over n of  bwd_p(n) * t_fb(n) + (fwd_p(n) - bwd_p(n)) * t_f(n)
+    predicted = sum over p of predicted_p                  (= mean over i of predicted[i])
+    overhead_ratio = median over timed steps i of  t_step[i] / predicted[i]
+    fbeq = sum over p, n of  bwd_p(n) + (fwd_p(n) - bwd_p(n)) * t_f(n) / t_fb(n)
     step_ratio(a, b)  = median(t_step[a]) / median(t_step[b])
     epoch_ratio(a, b) = (median(t_step[a]) / B_a) / (median(t_step[b]) / B_b)
 
+When every step runs the same passes (all methods but BB's GS / BG selection, whose selected
+row count varies from step to step) ``overhead_ratio = median(t_step) / predicted``.  Because
+every pass is priced at its own row count, ``overhead_ratio`` measures what the step does
+besides its model passes (bookkeeping, selection logic, copies, the optimizer and schedule),
+not the per-sample cost difference between batch sizes.  ``overhead_ratio_costs_at_B`` prices
+every pass at ``t_fb(B)`` / ``t_f(B)`` instead (the earlier definition, kept for comparison: its
+gap to ``overhead_ratio`` is the batch-size curve).  An attack's forward+backward computes input
+gradients only (no weight gradients), and attacks may run in eval mode, so attack-heavy steps
+can come out below 1.  ``fbeq`` counts forward+backward-equivalent sample-passes per step (a
+forward-only pass weighs what a forward costs relative to a forward+backward at its own row
+count); ``fwd_bwd_equivalents_per_sample = fbeq / B``.
+
 ``epoch_ratio`` is the ratio of epoch times on the same training set (an epoch is N / B steps;
 drop_last rounding ignored).  Ratios of medians come with a conservative range from the
-quartiles, e.g. ``[q25_a / q75_b, q75_a / q25_b]``, and with the ratio the pass arithmetic
-predicts: the same ratio of forward+backward-equivalent sample-passes,
-``fbeq = predicted / t_fb`` per step (``fwd_bwd_equivalents_per_sample`` = ``fbeq / B``).
+quartiles, ``[q25_a / q75_b, q75_a / q25_b]``, and with the ratio the pass arithmetic predicts
+(the same ratio of ``fbeq``); see :mod:`methods.bench_tables`.
 
-The unit costs are per sample at the recipe's batch size B.  A method whose passes run on other
-batch sizes (BB attacks m*B stacked rows; Selective AT attacks rho*B rows) therefore carries the
-per-sample cost difference between those batch sizes and B in its overhead ratio; compare the
-``unit_costs`` of a bench at the other batch size (e.g. ``nfgsm_mnist_x5``) to see it.  An
-attack's forward+backward computes input gradients only (no weight gradients), so attack-heavy
-steps can come out below 1.
-
-Targets (``targets:`` in the config, one row per arch x thread count; kinds in :data:`TARGETS`)
-are marked pass/fail against their ``max``.  Outputs, each written atomically: ``bench.json``,
-``cost_table.md``, ``cost_table.csv`` and ``cost_vs_robustness.png``
-(:mod:`methods.cost_plot`, from the run's result files only).
+Targets (``targets:`` in the config, one row per arch x thread count; kinds in
+:data:`methods.bench_tables.TARGETS`) are marked pass/fail against their ``max``.  Outputs, each
+written atomically: ``bench.json`` (validated against
+``workflow/schemas/bench_result.schema.json`` first), ``cost_table.md`` and ``cost_table.csv``
+(:mod:`methods.bench_tables`) and ``cost_vs_robustness.png`` (:mod:`methods.cost_plot`, from the
+run's result files only).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
+import math
 import os
 import platform
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import training
-from .config import REPO_ROOT, ConfigError, load_recipes, load_yaml, resolve_cell
+from . import builders, training
+from .bench_tables import cost_frame, evaluate_targets, render_markdown
+from .config import (ARITHMETIC_RUNTIME, REPO_ROOT, SCHEMA_DIR, ConfigError, load_recipes,
+                     load_yaml, recipe_annotations, resolve_cell)
 from .data import DatasetBundle, Split
-from .measure import make_meter
-from .measure.passes import PassCounter
-from .registry import DATASETS, METHODS, Registry
-from .results import atomic_write_text
-from .runtime import Precision, autocast, cpu_generator, grad_scaler, pick_device, seed_everything
+from .measure import MemorySampler, make_meter
+from .registry import DATASETS
+from .results import atomic_write_text, git_commit, package_versions, write_result
+from .runtime import autocast, cpu_generator, pick_device, seed_everything
 
 UNIT_PHASE = "bench_unit"   # passes of the unit-cost measurements, dropped from the step's passes
+SCHEMA = "bench_result.schema.json"
 Clock = Callable[[], float]
+RowCounts = Dict[str, Dict[int, Dict[str, float]]]   # {phase: {rows: {forward, backward}}}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -88,24 +106,35 @@ def _path(rel: str) -> Path:
     return Path(rel) if Path(rel).is_absolute() else REPO_ROOT / rel
 
 
+def runtime_defaults() -> Dict[str, Any]:
+    """The config schema's defaults for ``amp``, ``channels_last`` and ``compile``: what
+    Snakemake fills into a workflow config before resolving its cells."""
+    props = load_yaml(SCHEMA_DIR / "config.schema.yaml").get("properties") or {}
+    return {k: (props.get(k) or {}).get("default") for k in ARITHMETIC_RUNTIME}
+
+
 def load_bench_config(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(the config recipes are resolved in, the bench settings).
 
     The resolving config is ``base_config`` (a workflow config) with the bench's ``archs``,
-    its inline ``recipes`` and ``datasets`` added; the benched names are the recipes of the base
-    config's ``cells`` (``recipes_from_cells``) followed by ``bench`` entries (a recipe name, or
-    ``{recipe, name, batch_scale}``).
+    its inline ``recipes`` and ``datasets`` added, and the bench's ``amp``, ``channels_last``
+    and ``compile`` where it sets them (the arithmetic runtime, part of the training identity:
+    unset, the base config's apply, with the config schema's defaults, so a benched cell is the
+    run's cell, ``train_hash`` and all); the benched names
+    are the recipes of the base config's ``cells`` (``recipes_from_cells``) followed by
+    ``bench`` entries (a recipe name, or ``{recipe, name, batch_scale}``).  ``device`` and
+    ``threads`` are bench settings: they say where the steps run, not what is trained.
     """
     bench = load_yaml(Path(path))
     base = load_yaml(_path(bench["base_config"])) if bench.get("base_config") else {}
-    resolving = dict(base)
+    resolving = {**runtime_defaults(), **base}
     resolving["recipe_files"] = list(base.get("recipe_files", [])) + list(bench.get("recipe_files", []))
     resolving["recipes"] = {**(base.get("recipes") or {}), **(bench.get("recipes") or {})}
     resolving["datasets"] = {**(base.get("datasets") or {}), **(bench.get("datasets") or {})}
     if not bench.get("archs"):
         raise ConfigError(f"{path}: archs: at least one arch to bench is needed")
     resolving["archs"] = bench["archs"]
-    resolving.update({k: bench.get(k) for k in ("device", "amp", "channels_last")})
+    resolving.update({k: bench[k] for k in ARITHMETIC_RUNTIME if k in bench})
     entries: List[Dict[str, Any]] = []
     if bench.get("recipes_from_cells"):
         for group in base.get("cells", []):
@@ -127,7 +156,7 @@ def load_bench_config(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     threads = bench.get("threads", [1])
     settings = {
         "dataset": bench.get("dataset") or next(iter(resolving["datasets"]), None),
-        "benches": benches, "archs": list(bench["archs"]),
+        "benches": benches, "archs": list(bench["archs"]), "device": bench.get("device"),
         "threads": [int(t) for t in (threads if isinstance(threads, list) else [threads])],
         "batch_size": bench.get("batch_size", "recipe"),
         "warmup_steps": int(bench.get("warmup_steps", 2)), "repeats": int(bench.get("repeats", 10)),
@@ -141,35 +170,90 @@ def load_bench_config(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return resolving, settings
 
 
-# ----------------------------------------------------------------------------- measurement
+# ----------------------------------------------------------------------------- arithmetic
 def summarize(samples: List[float]) -> Dict[str, Any]:
     q25, med, q75 = (float(v) for v in np.percentile(samples, [25, 50, 75]))
     return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "n": len(samples),
             "samples": [float(s) for s in samples]}
 
 
-def predicted_step_time(passes_per_step: Dict[str, Dict[str, float]], t_fb: float,
-                        t_f: float) -> Dict[str, float]:
-    """Seconds per step by phase (and ``total``): bwd * t_fb + (fwd - bwd) * t_f per phase,
-    with per-sample unit costs ``t_fb`` (forward+backward) and ``t_f`` (forward only)."""
-    by_phase = {p: c["backward"] * t_fb + (c["forward"] - c["backward"]) * t_f
-                for p, c in passes_per_step.items()}
+def step_passes(by_rows: RowCounts) -> Dict[str, Dict[str, float]]:
+    """``{phase: {forward, backward}}``: the per-row-count counts summed over row counts."""
+    return {p: {k: sum(c[k] for c in by_n.values()) for k in ("forward", "backward")}
+            for p, by_n in by_rows.items()}
+
+
+def rows_run(by_rows: RowCounts) -> Set[int]:
+    """Every row count a forward call of any phase ran at."""
+    return {int(n) for by_n in by_rows.values() for n, c in by_n.items() if c["forward"] > 0}
+
+
+def predicted_step_time(by_rows: RowCounts, t_fb: Dict[int, float],
+                        t_f: Dict[int, float]) -> Dict[str, float]:
+    """Seconds per step by phase (and ``total``): the sum over row counts ``n`` of
+    ``bwd(n) * t_fb[n] + (fwd(n) - bwd(n)) * t_f[n]``, with per-sample unit costs at ``n``."""
+    by_phase = {p: sum(c["backward"] * t_fb[n] + (c["forward"] - c["backward"]) * t_f[n]
+                       for n, c in by_n.items())
+                for p, by_n in by_rows.items()}
     return {**by_phase, "total": sum(by_phase.values())}
 
 
-class FixedBatches:
-    """The trainer's loader, replaced: the fixed batch ``steps`` times, each step timed.
+def fwd_bwd_equivalents(by_rows: RowCounts, t_fb: Dict[int, float], t_f: Dict[int, float]) -> float:
+    """Forward+backward-equivalent sample-passes per step (``fbeq`` in the module docstring)."""
+    return sum(c["backward"] + (c["forward"] - c["backward"]) * t_f[n] / t_fb[n]
+               for by_n in by_rows.values() for n, c in by_n.items())
 
-    Before each batch is handed out, one forward+backward and one no-grad forward of the same
-    model on the same batch are timed (booked to the pass phase ``bench_unit``).
+
+def _subtract(after: RowCounts, before: RowCounts) -> RowCounts:
+    out: RowCounts = {}
+    for p, by_n in after.items():
+        if p == UNIT_PHASE:
+            continue
+        for n, c in by_n.items():
+            old = before.get(p, {}).get(n, {"forward": 0, "backward": 0})
+            d = {k: c[k] - old[k] for k in ("forward", "backward")}
+            if d["forward"] or d["backward"]:
+                out.setdefault(p, {})[int(n)] = d
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement
+class RowBatches:
+    """``n``-row batches of the fixed batch: its first ``n`` rows, tiled when ``n > B``.
+
+    Built once per ``n`` (outside any timed interval) and reused.
     """
 
-    def __init__(self, model, x, y, steps: int, clock: Clock, device, precision, counter) -> None:
-        self.model, self.x, self.y, self.steps, self.clock = model, x, y, steps, clock
-        self.device, self.precision, self.counter = device, precision, counter
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, channels_last: bool) -> None:
+        self.x, self.y, self.channels_last = x, y, channels_last
+        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if n not in self._cache:
+            reps = math.ceil(n / len(self.y))
+            x = self.x.repeat(reps, *([1] * (self.x.dim() - 1)))[:n]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self._cache[n] = (x, self.y.repeat(reps)[:n])
+        return self._cache[n]
+
+
+class FixedBatches:
+    """The trainer's loader, replaced: the fixed batch ``steps`` times, each step timed, and
+    after each step the unit costs at that step's row counts (and ``B``) timed.
+
+    Results: ``t_step`` (seconds per step) and ``t_fwd_bwd`` / ``t_fwd`` (``{n: [seconds of one
+    pass over n rows]}``, one entry per step that ran at ``n``).
+    """
+
+    def __init__(self, parts: builders.TrainingParts, x: torch.Tensor, y: torch.Tensor, steps: int,
+                 clock: Clock, device: torch.device, batches: RowBatches) -> None:
+        self.parts, self.x, self.y, self.steps, self.clock = parts, x, y, steps, clock
+        self.device, self.batches = device, batches
         self.t_step: List[float] = []
-        self.t_fwd_bwd: List[float] = []
-        self.t_fwd: List[float] = []
+        self.step_rows: List[RowCounts] = []   # each step's own passes by row count
+        self.t_fwd_bwd: Dict[int, List[float]] = {}
+        self.t_fwd: Dict[int, List[float]] = {}
 
     def __len__(self) -> int:
         return self.steps
@@ -185,109 +269,42 @@ class FixedBatches:
         self._sync()
         return self.clock() - t0
 
-    def _fwd_bwd(self) -> None:
-        with autocast(self.device, self.precision):
-            loss = F.cross_entropy(self.model(self.x), self.y)
+    def _fwd_bwd(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(self.device, self.parts.precision):
+            loss = F.cross_entropy(self.parts.model(x), y)
         loss.backward()
 
-    def _fwd(self) -> None:
-        with torch.no_grad(), autocast(self.device, self.precision):
-            self.model(self.x)
+    def _fwd(self, x: torch.Tensor) -> None:
+        with torch.no_grad(), autocast(self.device, self.parts.precision):
+            self.parts.model(x)
+
+    def measure_units(self, rows: Iterable[int]) -> None:
+        model, counter = self.parts.model, self.parts.counter
+        with counter.phase(UNIT_PHASE):
+            for n in sorted(rows):
+                x, y = self.batches(n)
+                model.zero_grad(set_to_none=True)
+                self.t_fwd_bwd.setdefault(n, []).append(self._timed(lambda: self._fwd_bwd(x, y)))
+                self.t_fwd.setdefault(n, []).append(self._timed(lambda: self._fwd(x)))
+        model.zero_grad(set_to_none=True)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        counter = self.parts.counter
         for _ in range(self.steps):
-            self.model.zero_grad(set_to_none=True)
-            with self.counter.phase(UNIT_PHASE):
-                self.t_fwd_bwd.append(self._timed(self._fwd_bwd))
-                self.t_fwd.append(self._timed(self._fwd))
-            self.model.zero_grad(set_to_none=True)
             xb, yb = self.x.clone(), self.y.clone()
+            before = counter.totals_by_rows()
             self._sync()
             t0 = self.clock()
             yield xb, yb
             self._sync()
             self.t_step.append(self.clock() - t0)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                "usmblks", "fsmblks", "uordblks", "fordblks",
-                                                "keepcost")]
-
-
-def _heap_reader() -> Optional[Callable[[], int]]:
-    """Bytes the C heap has handed out and not freed (glibc ``mallinfo2``: uordblks + hblkhd);
-    torch's CPU tensors live there.  ``None`` off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def read() -> int:
-        info = libc.mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-    return read
-
-
-def _rss_bytes() -> Optional[int]:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class MemorySampler:
-    """Peak memory while the block runs, polled every ``interval`` seconds by a thread:
-    ``heap`` (C-heap bytes in use, where CPU tensors live; see :func:`_heap_reader`) and
-    ``rss`` (the process's resident set).  ``before`` is the reading when the block starts
-    (model, optimizer state and batch already allocated), so ``peak - before`` is what the
-    steps add.  Short peaks between two polls are missed, so these are lower bounds."""
-
-    def __init__(self, interval: Optional[float]) -> None:
-        heap = _heap_reader()
-        self.readers = {"heap": heap or (lambda: None), "rss": _rss_bytes}
-        self.interval = interval
-        self.before: Dict[str, Optional[int]] = {}
-        self.peak: Dict[str, Optional[int]] = {}
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def _read(self) -> None:
-        for name, read in self.readers.items():
-            v = read()
-            if v is not None:
-                self.peak[name] = max(self.peak.get(name) or 0, v)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._read()
-
-    def __enter__(self) -> "MemorySampler":
-        self.before = {name: read() for name, read in self.readers.items()}
-        self.peak = dict(self.before)
-        if self.interval:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._read()
-
-    def report(self) -> Dict[str, Optional[int]]:
-        out: Dict[str, Optional[int]] = {}
-        for name in self.readers:
-            b, p = self.before.get(name), self.peak.get(name)
-            out[f"{name}_before_bytes"], out[f"peak_{name}_bytes"] = b, p
-            out[f"{name}_added_bytes"] = None if b is None or p is None else p - b
-        return out
+            step = _subtract(counter.totals_by_rows(), before)
+            self.step_rows.append(step)
+            self.measure_units(rows_run(step) | {len(self.y)})
 
 
 def synthetic_bundle(cell: Dict[str, Any]) -> DatasetBundle:
-    """A bundle with the dataset's shape and classes but no data (all the model builder needs)."""
+    """A bundle with the dataset's shape and classes but no data (all the builders need)."""
     source = DATASETS.get(cell["dataset"]["source"])
     empty = Split(torch.zeros((0, *source.image_shape), dtype=torch.uint8),
                   torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
@@ -296,138 +313,86 @@ def synthetic_bundle(cell: Dict[str, Any]) -> DatasetBundle:
                          default_augmentation=source.default_augmentation)
 
 
+def _per_step(counts: RowCounts, steps: int) -> RowCounts:
+    """Counts per step, without the unit-cost phase and without row counts that saw no pass."""
+    out: RowCounts = {}
+    for p, by_n in counts.items():
+        for n, c in by_n.items():
+            if p != UNIT_PHASE and (c["forward"] or c["backward"]):
+                out.setdefault(p, {})[int(n)] = {k: c[k] / steps for k in ("forward", "backward")}
+    return out
+
+
 def bench_cell(cell: Dict[str, Any], batch_size: int, settings: Dict[str, Any], clock: Clock,
-               meter, window: str) -> Dict[str, Any]:
+               meter, window: str, device: torch.device) -> Dict[str, Any]:
     """Time one recipe's training step (see the module docstring for what is measured)."""
-    runtime = cell["runtime"]
-    device = pick_device(runtime.get("device"))
-    precision = Precision(runtime.get("amp") or "fp32")
-    channels_last = bool(runtime.get("channels_last"))
     seed = settings["seed"]
     seed_everything(seed)
     bundle = synthetic_bundle(cell)
     g = cpu_generator(seed)
     x = torch.rand((batch_size, *bundle.image_shape), generator=g).to(device)
     y = torch.randint(0, bundle.num_classes, (batch_size,), generator=g).to(device)
-    model = training.build_cell_model(cell, bundle).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    method = METHODS.get(cell["method"])(threat=training.build_threat(cell["threat"]),
-                                         **cell.get("method_args", {}))
-    tcfg = cell["train"]
-    epochs = int(tcfg["epochs"])
+    epochs = int(cell["train"]["epochs"])
     epoch = epochs - 1 if settings["epoch"] == "last" else int(settings["epoch"])
     warmup, repeats = settings["warmup_steps"], settings["repeats"]
-    optimizer = training.build_optimizer(model, tcfg["optimizer"])
-    scheduler = training.build_schedule(optimizer, tcfg.get("schedule", {}),
-                                        float(tcfg["optimizer"]["lr"]), warmup + repeats, epochs)
-    scaler = grad_scaler(device, precision)
-    counter = PassCounter(model)
-    method_gen = cpu_generator(seed + 1)
+    parts = builders.build_training(cell, bundle, device, warmup + repeats)
+    batches = RowBatches(x, y, parts.channels_last)
 
     def steps(n: int) -> Tuple[FixedBatches, Dict[str, Any]]:
-        loader = FixedBatches(model, x, y, n, clock, device, precision, counter)
-        row = training._run_epoch(model, method, loader, optimizer, scheduler, scaler, counter,
-                                  device, precision, channels_last, method_gen, epoch, epochs)
-        return loader, row
+        loader = FixedBatches(parts, x, y, n, clock, device, batches)
+        return loader, training.run_epoch(parts, loader, device, epoch, epochs)
 
     if warmup:
         steps(warmup)
     with MemorySampler(settings["memory_poll_s"]) as memory, meter.window(window):
         loader, row = steps(repeats)
-    counter.detach()
+    by_rows = _per_step(parts.counter.totals_by_rows(), repeats)
+    parts.counter.detach()
     win = meter.records()[-1]
-    passes = {p: {k: v / repeats for k, v in c.items()}
-              for p, c in row["passes"].items() if p != UNIT_PHASE}
-    step, fb, fwd = (summarize(t) for t in (loader.t_step, loader.t_fwd_bwd, loader.t_fwd))
-    t_fb, t_f = fb["median"] / batch_size, fwd["median"] / batch_size
-    predicted = predicted_step_time(passes, t_fb, t_f)
+    unit_costs = {}
+    for n in sorted(loader.t_fwd_bwd):
+        fb, f = summarize(loader.t_fwd_bwd[n]), summarize(loader.t_fwd[n])
+        unit_costs[str(n)] = {"rows": n, "fwd_bwd_s": fb, "fwd_s": f,
+                              "fwd_bwd_per_sample_s": fb["median"] / n,
+                              "fwd_per_sample_s": f["median"] / n}
+    t_fb = {int(n): u["fwd_bwd_per_sample_s"] for n, u in unit_costs.items()}
+    t_f = {int(n): u["fwd_per_sample_s"] for n, u in unit_costs.items()}
+    predicted = predicted_step_time(by_rows, t_fb, t_f)
+    at_b = lambda rows: predicted_step_time(
+        {p: {batch_size: c} for p, c in step_passes(rows).items()},
+        {batch_size: t_fb[batch_size]}, {batch_size: t_f[batch_size]})["total"]
+    ratios = summarize([t / predicted_step_time(rows, t_fb, t_f)["total"]
+                        for t, rows in zip(loader.t_step, loader.step_rows)])
+    ratios_at_b = [t / at_b(rows) for t, rows in zip(loader.t_step, loader.step_rows)]
+    passes = step_passes(by_rows)
     total = {k: sum(c[k] for c in passes.values()) for k in ("forward", "backward")}
+    step = summarize(loader.t_step)
     return {
         "recipe": cell["recipe"], "method": cell["method"], "arch": cell["arch"]["name"],
-        "threads": torch.get_num_threads(), "device": str(device), "precision": precision.value,
+        "threads": torch.get_num_threads(), "device": str(device),
+        "precision": parts.precision.value, "channels_last": parts.channels_last,
+        "compiled": parts.compiled,
         "batch_size": batch_size, "epoch": epoch, "epochs": epochs, "warmup_steps": warmup,
         "step_time_s": step,
         "passes_per_step": passes, "passes_per_step_total": total,
         "passes_per_sample": {k: v / batch_size for k, v in total.items()},
-        "unit_costs": {"fwd_bwd_batch_s": fb, "fwd_batch_s": fwd,
-                       "fwd_bwd_per_sample_s": t_fb, "fwd_per_sample_s": t_f},
+        "passes_by_rows": {p: {str(n): c for n, c in sorted(by_n.items())}
+                           for p, by_n in by_rows.items()},
+        "rows_run": sorted(rows_run(by_rows)),
+        "unit_costs": unit_costs,
         "predicted_step_s": predicted["total"],
         "predicted_by_phase_s": {k: v for k, v in predicted.items() if k != "total"},
-        "fwd_bwd_equivalents_per_sample": predicted["total"] / (t_fb * batch_size),
-        "overhead_ratio": step["median"] / predicted["total"],
+        "fwd_bwd_equivalents_per_sample": fwd_bwd_equivalents(by_rows, t_fb, t_f) / batch_size,
+        "overhead_ratio": ratios["median"],
+        "overhead_ratio_steps": ratios,
+        "overhead_ratio_costs_at_B": float(np.median(ratios_at_b)),
         "skipped_steps": row["skipped_steps"], "method_stats": row["method_stats"],
         "memory": {**memory.report(), "process_peak_rss_bytes": win.peak_mem_bytes,
                    "peak_gpu_mem_bytes": win.peak_gpu_mem_bytes},
         "window": {"wall_s": win.wall_s, "cpu_s": win.cpu_s, "cpu_energy_j": win.cpu_energy_j,
                    "gpu_energy_j": win.gpu_energy_j},
-        "method_params": method.describe(),
+        "method_params": parts.method.describe(),
     }
-
-
-# ----------------------------------------------------------------------------- targets
-TARGETS: Registry[Callable] = Registry("bench target")
-
-
-def _ratio(a: Dict[str, Any], b: Dict[str, Any], per_sample: bool) -> Dict[str, Any]:
-    """Measured ratio of medians, its quartile range, and the pass arithmetic's ratio (of
-    forward+backward-equivalent sample-passes per step, or per sample when ``per_sample``)."""
-    sa, sb = a["step_time_s"], b["step_time_s"]
-    scale = (b["batch_size"] / a["batch_size"]) if per_sample else 1.0
-    fb = lambda r: r["fwd_bwd_equivalents_per_sample"] * (1 if per_sample else r["batch_size"])
-    return {"value": scale * sa["median"] / sb["median"],
-            "range": [scale * sa["q25"] / sb["q75"], scale * sa["q75"] / sb["q25"]],
-            "arithmetic": fb(a) / fb(b)}
-
-
-def _pairs(spec, group, per_sample: bool) -> List[Dict[str, Any]]:
-    nums = spec["numerator"] if isinstance(spec["numerator"], list) else [spec["numerator"]]
-    return [{"subject": n, "reference": spec["denominator"],
-             **_ratio(group[n], group[spec["denominator"]], per_sample)} for n in nums]
-
-
-@TARGETS.register("overhead")
-def _overhead_target(spec, group) -> List[Dict[str, Any]]:
-    names = spec.get("benches") or list(group)
-    return [{"subject": n, "reference": "pass arithmetic", "value": group[n]["overhead_ratio"],
-             "range": None, "arithmetic": 1.0} for n in names]
-
-
-@TARGETS.register("step_ratio")
-def _step_ratio_target(spec, group) -> List[Dict[str, Any]]:
-    return _pairs(spec, group, per_sample=False)
-
-
-@TARGETS.register("epoch_ratio")
-def _epoch_ratio_target(spec, group) -> List[Dict[str, Any]]:
-    return _pairs(spec, group, per_sample=True)
-
-
-def evaluate_targets(targets: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per target x subject x (arch, threads) group, marked against ``max``."""
-    groups: Dict[Tuple[str, int], Dict[str, Dict[str, Any]]] = {}
-    for r in results.values():
-        groups.setdefault((r["arch"], r["threads"]), {})[r["bench"]] = r
-    rows = []
-    for i, spec in enumerate(targets):
-        for field in ("name", "kind", "max"):
-            if field not in spec:
-                raise ConfigError(f"targets[{i}]: missing field {field!r}")
-        try:
-            compute = TARGETS.get(spec["kind"])
-        except KeyError as e:
-            raise ConfigError(f"targets[{i}].kind: {e.args[0]}") from None
-        for (arch, threads), group in groups.items():
-            try:
-                found = compute(spec, group)
-            except KeyError as e:
-                raise ConfigError(f"targets[{i}] ({spec['name']}): unknown bench {e.args[0]!r}; "
-                                  f"benched: {sorted(group)}") from None
-            for f in found:
-                rows.append({"target": spec["name"], "kind": spec["kind"], "arch": arch,
-                             "threads": threads, **f, "max": float(spec["max"]),
-                             "pass": bool(f["value"] <= float(spec["max"]))})
-    return rows
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -448,60 +413,31 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def cost_frame(results: Dict[str, Dict[str, Any]]) -> pd.DataFrame:
-    rows = []
-    for key, r in results.items():
-        s, u, m = r["step_time_s"], r["unit_costs"], r["memory"]
-        rows.append({
-            "bench": r["bench"], "recipe": r["recipe"], "method": r["method"], "arch": r["arch"],
-            "threads": r["threads"], "batch_size": r["batch_size"],
-            "fwd_per_sample": r["passes_per_sample"]["forward"],
-            "bwd_per_sample": r["passes_per_sample"]["backward"],
-            "fwd_bwd_equivalents": r["fwd_bwd_equivalents_per_sample"],
-            "step_ms": 1e3 * s["median"], "step_ms_q25": 1e3 * s["q25"], "step_ms_q75": 1e3 * s["q75"],
-            "fwd_bwd_batch_ms": 1e3 * u["fwd_bwd_batch_s"]["median"],
-            "fwd_batch_ms": 1e3 * u["fwd_batch_s"]["median"],
-            "predicted_ms": 1e3 * r["predicted_step_s"], "overhead_ratio": r["overhead_ratio"],
-            "step_heap_mb": None if m["heap_added_bytes"] is None else m["heap_added_bytes"] / 2**20,
-            "peak_rss_mb": None if m["peak_rss_bytes"] is None else m["peak_rss_bytes"] / 2**20,
-            "peak_gpu_mem_mb": None if m["peak_gpu_mem_bytes"] is None else m["peak_gpu_mem_bytes"] / 2**20,
-        })
-    return pd.DataFrame(rows)
-
-
-def render_markdown(frame: pd.DataFrame, targets: List[Dict[str, Any]], machine: Dict[str, Any],
-                    settings: Dict[str, Any]) -> str:
-    lines = [f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, torch "
-             f"{machine['torch']}, device {machine['device']}; load average at start "
-             f"{machine['loadavg_at_start']}.",
-             f"Medians over {settings['repeats']} steps after {settings['warmup_steps']} warm-up "
-             "steps, on a fixed synthetic batch, at the recipe's last epoch (steady state).",
-             "predicted = sum over phases of bwd x t_fb + (fwd - bwd) x t_f (per-sample unit costs "
-             "of one forward+backward / no-grad forward measured in the same run); "
-             "overhead = measured / predicted.  Step heap: peak C-heap bytes in use during the "
-             "timed steps minus those in use before them (polled; a lower bound).", "",
-             "| bench | method | arch | threads | B | fwd+bwd / sample | fb-equiv | step ms [IQR] "
-             "| fwd+bwd ms | fwd ms | predicted ms | overhead | step heap MB | peak RSS MB |",
-             "|" + "---|" * 14]
-    for r in frame.itertuples():
-        mb = lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.1f}"
-        lines.append(f"| {r.bench} | {r.method} | {r.arch} | {r.threads} | {r.batch_size} | "
-                     f"{r.fwd_per_sample:.2f}+{r.bwd_per_sample:.2f} | {r.fwd_bwd_equivalents:.2f} | "
-                     f"{r.step_ms:.1f} [{r.step_ms_q25:.1f}, {r.step_ms_q75:.1f}] | "
-                     f"{r.fwd_bwd_batch_ms:.1f} | {r.fwd_batch_ms:.1f} | {r.predicted_ms:.1f} | "
-                     f"{r.overhead_ratio:.3f} | {mb(r.step_heap_mb)} | {mb(r.peak_rss_mb)} |")
-    if targets:
-        lines += ["", "Targets (measured: ratio of medians, range from the quartiles; arithmetic: "
-                  "the same ratio of forward+backward-equivalent sample-passes):", "",
-                  "| target | arch | threads | subject | reference | measured | range | "
-                  "arithmetic | max | result |", "|" + "---|" * 10]
-        for t in targets:
-            rng = "" if t["range"] is None else f"[{t['range'][0]:.3f}, {t['range'][1]:.3f}]"
-            lines.append(f"| {t['target']} | {t['arch']} | {t['threads']} | {t['subject']} | "
-                         f"{t['reference']} | {t['value']:.3f} | {rng} | {t['arithmetic']:.3f} | "
-                         f"{t['max']:.2f} | "
-                         f"{'pass' if t['pass'] else 'FAIL'} |")
-    return "\n".join(lines) + "\n"
+DEFINITIONS = {
+    "unit_costs": "per row count n: T_fb(n), T_f(n) = one forward+backward (CE, train mode) / one "
+                  "no-grad forward of the same model on n rows of the fixed batch, timed after "
+                  "every timed step that ran a forward at n (and for n = B always); per-sample "
+                  "t_fb(n) = median(T_fb(n)) / n, t_f(n) = median(T_f(n)) / n",
+    "predicted_step_s": "mean over timed steps of the prediction: sum over phases p and row "
+                        "counts n of bwd_p(n) * t_fb(n) + (fwd_p(n) - bwd_p(n)) * t_f(n); "
+                        "fwd_p(n), bwd_p(n) = sample-passes per step of phase p whose forward "
+                        "call had n rows (PassCounter.totals_by_rows)",
+    "overhead_ratio": "median over timed steps of step time / that step's prediction (its own "
+                      "passes by row count); = median step time / predicted_step_s when every "
+                      "step runs the same passes",
+    "overhead_ratio_steps": "the per-step ratios behind overhead_ratio, summarised",
+    "overhead_ratio_costs_at_B": "overhead_ratio with every pass priced at t_fb(B), t_f(B) (the "
+                                 "earlier definition: the batch-size curve left in)",
+    "fwd_bwd_equivalents_per_sample": "sum over p, n of bwd_p(n) + (fwd_p(n) - bwd_p(n)) * "
+                                      "t_f(n) / t_fb(n), divided by B",
+    "step_ratio": "median step time of subject / median step time of reference",
+    "epoch_ratio": "(median step / B) of subject / (median step / B) of reference "
+                   "(epoch time on the same training set, drop_last rounding ignored)",
+    "range": "[q25_subject / q75_reference, q75_subject / q25_reference]",
+    "arithmetic": "the target's ratio computed from fwd_bwd_equivalents instead of measured "
+                  "step times",
+    "steady_state": "steps at epoch train.epochs - 1; once-per-epoch state drawn in warm-up",
+}
 
 
 def run_bench(config_path: Path, out_dir: Path, clock: Optional[Clock] = None,
@@ -509,7 +445,9 @@ def run_bench(config_path: Path, out_dir: Path, clock: Optional[Clock] = None,
     """Run the benchmarks of ``config_path`` and write the outputs into ``out_dir``.
 
     ``evals``: the evaluation files the cost plot is drawn from (the Snakemake rule passes the
-    run's evaluations); without them the config's ``plot.results_glob`` is used.
+    run's evaluations); without them the config's ``plot.results_glob`` is used.  The plot's
+    published points come from the annotations of the recipes the bench config resolves.
+    Returns the ``bench.json`` record as written.
     """
     from .cost_plot import plot_cost_vs_robustness
 
@@ -517,7 +455,7 @@ def run_bench(config_path: Path, out_dir: Path, clock: Optional[Clock] = None,
     resolving, settings = load_bench_config(Path(config_path))
     out_dir = Path(out_dir)
     threads_before = torch.get_num_threads()
-    device = pick_device(resolving.get("device"))
+    device = pick_device(settings["device"])
     machine = machine_info(device)
     meter = make_meter("auto", device=device)
     recipes = load_recipes(resolving)
@@ -532,8 +470,10 @@ def run_bench(config_path: Path, out_dir: Path, clock: Optional[Clock] = None,
                     base_b = (int(cell["train"]["batch_size"]) if settings["batch_size"] == "recipe"
                               else int(settings["batch_size"]))
                     key = f"{entry['name']}@{arch}@t{threads}"
-                    r = bench_cell(cell, base_b * entry["batch_scale"], settings, clock, meter, key)
-                    results[key] = {"bench": entry["name"], "batch_scale": entry["batch_scale"], **r}
+                    r = bench_cell(cell, base_b * entry["batch_scale"], settings, clock, meter, key,
+                                   device)
+                    results[key] = {"bench": entry["name"], "batch_scale": entry["batch_scale"],
+                                    "train_hash": cell["train_hash"], **r}
                     print(f"bench {key}: step {1e3 * r['step_time_s']['median']:.1f} ms, "
                           f"overhead {r['overhead_ratio']:.3f}", flush=True)
     finally:
@@ -541,30 +481,20 @@ def run_bench(config_path: Path, out_dir: Path, clock: Optional[Clock] = None,
         meter.close()
     machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     targets = evaluate_targets(settings["targets"], results)
-    frame = cost_frame(results)
     plot_spec = dict(settings["plot"])
     if evals is not None:
         plot_spec["files"] = [str(p) for p in evals]
-    plot = plot_cost_vs_robustness(plot_spec, out_dir / "cost_vs_robustness.png")
+    plot = plot_cost_vs_robustness(plot_spec, out_dir / "cost_vs_robustness.png",
+                                   annotations=recipe_annotations(recipes, recipes))
     summary = {
         "kind": "bench", "machine": machine,
-        "settings": {k: v for k, v in settings.items() if k not in ("plot",)},
+        "code": {"git": git_commit(), "packages": package_versions()},
+        "settings": {k: v for k, v in settings.items() if k != "plot"},
         "clock": getattr(clock, "__name__", type(clock).__name__),
-        "definitions": {
-            "predicted_step_s": "sum over phases of bwd * t_fb + (fwd - bwd) * t_f; per-step sample-"
-                                "passes from PassCounter; t_fb, t_f = median forward+backward / "
-                                "no-grad forward time of the same model on the same batch, / B",
-            "overhead_ratio": "median step time / predicted_step_s",
-            "step_ratio": "median step time of subject / median step time of reference",
-            "epoch_ratio": "(median step / B) of subject / (median step / B) of reference "
-                           "(epoch time on the same training set, drop_last rounding ignored)",
-            "range": "[q25_subject / q75_reference, q75_subject / q25_reference]",
-            "arithmetic": "the target's ratio computed from forward+backward-equivalent sample-"
-                          "passes (predicted_step_s / t_fb) instead of measured step times",
-            "steady_state": "steps at epoch train.epochs - 1; once-per-epoch state drawn in warm-up"},
+        "definitions": DEFINITIONS,
         "results": results, "targets": targets, "plot": plot,
     }
-    atomic_write_text(out_dir / "bench.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out_dir / "cost_table.csv", frame.to_csv(index=False))
-    atomic_write_text(out_dir / "cost_table.md", render_markdown(frame, targets, machine, settings))
+    summary = write_result(out_dir / "bench.json", summary, SCHEMA)
+    atomic_write_text(out_dir / "cost_table.csv", cost_frame(results).to_csv(index=False))
+    atomic_write_text(out_dir / "cost_table.md", render_markdown(results, targets, machine, settings))
     return summary

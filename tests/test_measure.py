@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ try:
 except ImportError:  # tests/ is a package
     from tests.fake_pynvml import FakeClock, FakeGpu, FakeMig, FakeNvml, pascal, volta
 
-from methods.measure import BACKENDS, MeterOptions, RaplReader, WindowRecord, make_meter, map_visible_devices
+from methods.measure import (BACKENDS, BackgroundSampler, MemorySampler, MeterOptions, RaplReader,
+                             WindowRecord, make_meter, map_visible_devices)
+from methods.measure.memory import heap_reader, rss_bytes
 
 UUIDS = ["GPU-00000000-aaaa-0000-0000-000000000000", "GPU-11111111-bbbb-0000-0000-000000000000",
          "GPU-22222222-cccc-0000-0000-000000000000"]
@@ -429,3 +432,71 @@ def test_window_record_is_frozen():
     with pytest.raises(Exception):
         rec.wall_s = 2.0  # type: ignore[misc]
     assert rec.to_dict()["flags"] == []
+
+
+# ----------------------------------------------------------------------------- background samplers
+def wait_for(predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return predicate()
+
+
+def test_background_sampler_calls_until_stopped_and_stops_once():
+    calls = []
+    sampler = BackgroundSampler(lambda: calls.append(1), 0.002, "test-sampler").start()
+    assert sampler.running and wait_for(lambda: len(calls) >= 3)
+    sampler.stop()
+    stopped = len(calls)
+    time.sleep(0.02)
+    assert len(calls) == stopped and not sampler.running
+    sampler.stop()                  # idempotent
+    sampler.start()                 # a stopped sampler does not restart
+    assert not sampler.running
+
+
+@pytest.mark.parametrize("interval", [None, 0])
+def test_background_sampler_without_interval_starts_no_thread(interval):
+    sampler = BackgroundSampler(lambda: pytest.fail("called"), interval, "none").start()
+    assert not sampler.running
+    sampler.stop()
+
+
+def test_background_sampler_rejects_negative_interval():
+    with pytest.raises(ValueError, match="interval_s"):
+        BackgroundSampler(lambda: None, -1.0, "neg")
+
+
+def test_rapl_poller_thread_starts_and_is_joined_on_close(tmp_path):
+    make_rapl_tree(tmp_path, 1_000_000)
+    reader = RaplReader(tmp_path)
+    polling = lambda: any(t.name == "advrepro-rapl" for t in threading.enumerate())
+    reader.start(0.002)
+    assert polling()
+    reader.close()
+    assert not polling()
+
+
+def test_memory_sampler_reports_before_peak_and_added_bytes():
+    heap = iter([100, 250])              # at entry, at exit (no thread without an interval)
+    with MemorySampler(None, readers={"heap": lambda: next(heap), "none": lambda: None}) as sampler:
+        pass
+    report = sampler.report()
+    assert report["heap_before_bytes"] == 100 and report["peak_heap_bytes"] == 250
+    assert report["heap_added_bytes"] == 150
+    assert report["peak_none_bytes"] is None and report["none_added_bytes"] is None
+
+
+def test_memory_sampler_polls_in_the_background():
+    values = iter(range(1, 10_000))
+    sampler = MemorySampler(0.001, readers={"n": lambda: next(values)})
+    with sampler:
+        assert wait_for(lambda: (sampler.peak.get("n") or 0) > 3)
+    assert sampler.report()["n_added_bytes"] > 2
+
+
+def test_default_memory_readers_read_this_process():
+    rss = rss_bytes()
+    assert rss is None or rss > 0
+    read = heap_reader()
+    assert read is None or read() > 0

@@ -60,6 +60,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from methods.registry import Registry
 
+from .sampler import BackgroundSampler
+
 Clock = Callable[[], float]
 COUNTER, SAMPLED, UNAVAILABLE = "energy_counter", "power_sampling", "unavailable"
 CSV_FIELDS = ("t_s", "device_index", "energy_mj", "power_mw", "phase", "uuid", "name",
@@ -417,11 +419,10 @@ class NvmlBackend(_ChannelBackend):
             for t, dev_index, mw in idle_rows:
                 self._rec.row(t, by_index[dev_index], power_mw=mw, phase="idle")
         self._sampled = [c for c in self.channels.values() if c.mode == SAMPLED]
-        self._stop = threading.Event()
-        self._thread = None
-        if self._sampled and options.sample_interval_s > 0:
-            self._thread = threading.Thread(target=self._sample_loop, name="advrepro-power-sampler", daemon=True)
-            self._thread.start()
+        self._sampler = BackgroundSampler(self._sample_once, options.sample_interval_s,
+                                          "advrepro-power-sampler")
+        if self._sampled:
+            self._sampler.start()
 
     def _measure_idle(self, devs: List[Tuple[DeviceInfo, Any]]) -> List[Tuple[float, int, float]]:
         n, rows = self.options.idle_samples, []
@@ -442,13 +443,12 @@ class NvmlBackend(_ChannelBackend):
         self.idle_watts = {i: (sum(w) / len(w) if len(w) == n and n else None) for i, w in readings.items()}
         return rows
 
-    def _sample_loop(self) -> None:
-        while not self._stop.wait(self.options.sample_interval_s):
-            for ch in self._sampled:
-                try:
-                    ch.read_j()
-                except Exception:   # a missed sample widens one trapezoid; the next read recovers
-                    pass
+    def _sample_once(self) -> None:
+        for ch in self._sampled:
+            try:
+                ch.read_j()
+            except Exception:   # a missed sample widens one trapezoid; the next read recovers
+                pass
 
     def _pids(self, dev: DeviceInfo) -> Sequence[int]:
         try:
@@ -457,10 +457,7 @@ class NvmlBackend(_ChannelBackend):
             return ()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._sampler.stop()
         if self._rec:
             self._rec.close()
             self._rec = None

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .sampler import BackgroundSampler
+
 DEFAULT_ROOT = Path("/sys/class/powercap")
 
 
@@ -37,8 +39,7 @@ class RaplReader:
         self.reason: Optional[str] = None
         self._total_uj = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._poller: Optional[BackgroundSampler] = None
         try:
             self._discover()
         except OSError as e:
@@ -81,19 +82,12 @@ class RaplReader:
 
     def start(self, poll_s: float) -> None:
         """Poll every ``poll_s`` seconds (well below the wrap time) until :meth:`close`."""
-        if self.available and poll_s > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._poll, args=(poll_s,), name="advrepro-rapl", daemon=True)
-            self._thread.start()
-
-    def _poll(self, poll_s: float) -> None:
-        while not self._stop.wait(poll_s):
-            self.read_j()
+        if self.available and poll_s > 0 and self._poller is None:
+            self._poller = BackgroundSampler(self.read_j, poll_s, "advrepro-rapl").start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._poller is not None:
+            self._poller.stop()
 
     def describe(self) -> Dict[str, object]:
         return {"source": "rapl", "root": str(self.root), "zones": [z.name for z in self.zones],
