@@ -10,15 +10,24 @@ PGD follows Madry et al. (2018) with the evaluation conventions of locuslab/fast
 N-FGSM (spec section 2.5): uniform random start, sign steps, projection and image clamp after
 every step, optional per-example early stop (only still-correct examples keep moving), and the
 per-example worst case over restarts: an example counts as robust only if no restart fools it.
+
+Evaluation runs attacks by name through :data:`methods.registry.ATTACKS`: each entry takes
+``(model, x, y, spec, threat, generator)`` with a normalized spec
+(:func:`methods.attack_specs.normalize_attack_spec`) and the threat that attack uses (the spec's
+own ``eps`` / ``norm`` already applied), and returns a list of :class:`AttackRun`: one per
+adversarial batch it produced (targeted ``all``: one per wrong class).  The evaluation checks
+every run's ``x_adv`` itself and decides robustness from the model's own predictions.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import ATTACKS
 from .threat import ThreatModel, clamp_to_image
 
 
@@ -113,9 +122,75 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
 
 
 def _fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
-    pred = logits.argmax(dim=1)
-    return pred == target if target is not None else pred != y
+    return _fooled_pred(logits.argmax(dim=1), y, target)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------- evaluation attacks
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One adversarial batch: ``x_adv`` and, for a targeted run, the ``target`` classes (N,)."""
+
+    x_adv: torch.Tensor
+    target: Optional[torch.Tensor] = None
+
+    def fooled(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Success per example: prediction equals the target (targeted) or differs from ``y``."""
+        return _fooled_pred(pred, y, self.target)
+
+
+def _fooled_pred(pred: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+    return pred == target if target is not None else pred != y
+
+
+def _random_targets(logits: torch.Tensor, y: torch.Tensor, generator) -> List[torch.Tensor]:
+    """One wrong class per example, uniform over the other C - 1 classes (seeded)."""
+    classes = logits.shape[1]
+    offset = torch.randint(1, classes, (len(y),), generator=generator, device="cpu").to(y.device)
+    return [(y + offset) % classes]
+
+
+def _least_likely_targets(logits: torch.Tensor, y: torch.Tensor, generator) -> List[torch.Tensor]:
+    """The wrong class the model scores lowest on the clean input."""
+    masked = logits.clone()
+    masked[torch.arange(len(y), device=y.device), y] = float("inf")
+    return [masked.argmin(dim=1)]
+
+
+def _all_targets(logits: torch.Tensor, y: torch.Tensor, generator) -> List[torch.Tensor]:
+    """Every wrong class in turn: targets ``(y + k) mod C`` for k = 1 .. C-1."""
+    classes = logits.shape[1]
+    return [(y + k) % classes for k in range(1, classes)]
+
+
+#: ``targeted`` policy -> ``(clean logits, y, generator) -> list of target tensors``.
+TARGET_POLICIES: Dict[str, Callable[..., List[torch.Tensor]]] = {
+    "random": _random_targets, "least_likely": _least_likely_targets, "all": _all_targets}
+
+
+@ATTACKS.register("fgsm")
+def run_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Dict, threat: ThreatModel,
+             generator: Optional[torch.Generator] = None) -> List[AttackRun]:
+    """FGSM with step eps from the clean point (the spec has no other knobs)."""
+    return [AttackRun(fgsm(model, x, y, threat))]
+
+
+@ATTACKS.register("pgd")
+def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Dict, threat: ThreatModel,
+            generator: Optional[torch.Generator] = None) -> List[AttackRun]:
+    """PGD as the spec says; targeted specs draw their targets (:data:`TARGET_POLICIES`) from
+    the clean logits and ``generator`` (before any random start) and run once per target set."""
+    kwargs = dict(alpha=float(spec["alpha"]), steps=int(spec["steps"]),
+                  restarts=int(spec["restarts"]), random_start=bool(spec["random_start"]),
+                  early_stop=bool(spec["early_stop"]), generator=generator)
+    policy = spec.get("targeted")
+    if policy is None:
+        return [AttackRun(pgd(model, x, y, threat, **kwargs))]
+    with torch.no_grad():
+        logits = model(x)
+    targets = TARGET_POLICIES[policy](logits, y, generator)
+    return [AttackRun(pgd(model, x, y, threat, target=t, **kwargs), t) for t in targets]

@@ -3,8 +3,9 @@
 For every ``eval_*.json`` matched by ``results_glob`` (relative paths are under the repository
 root) and the ``train.json`` beside it:
 
-* y: the accuracy under the strongest PGD column of the evaluation (most steps x restarts, or
-  ``pgd_metric`` if set) and, where present, under AutoAttack;
+* y: the accuracy under the strongest untargeted PGD column at the evaluation's own threat
+  (most steps x restarts; a spec with its own ``eps`` / ``norm`` or ``targeted`` is skipped),
+  or ``pgd_metric`` if set, and, where present, under AutoAttack;
 * x: the training cost of the cell's ``train`` measurement window (path ``train`` or
   ``run/train``), plus the ``train/epoch_*`` windows of earlier sessions (``measurement.previous_sessions``) when the cell was resumed.
   Time is GPU-seconds (``gpu_s``) when every point has it, otherwise process CPU seconds
@@ -12,17 +13,21 @@ root) and the ``train.json`` beside it:
   otherwise CPU package joules (RAPL ``cpu_energy_j``) when every point has those.  The axis
   labels say which was used.
 
-Published points: rows of the published CSVs that a result's recipe names in ``published.rows``
-(matched as :func:`methods.tables.published_for` does) whose metric is a training time, paired
-with the robust-accuracy row of the same paper, dataset, method and eps.  Their times are the
-papers' own wall-clock on their hardware, which the legend says.
+Published points: rows of the published CSVs that a recipe's annotation names in
+``published.rows`` (``annotations``: ``{recipe: {"published": {"rows": [...]}}}`` from
+:func:`methods.config.recipe_annotations`, matched as :func:`methods.tables.published_for`
+does; no annotations, no published points) whose metric is a training time, paired with the
+robust-accuracy row of the same paper, dataset, method and eps.  Their times are the papers'
+own wall-clock on their hardware, which the legend says.
+
+Like :mod:`methods.tables`, this module imports no torch (it reads result files only).
 """
 from __future__ import annotations
 
 import glob
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .config import REPO_ROOT
 from .results import read_result
@@ -60,7 +65,9 @@ def training_cost(train: Dict[str, Any]) -> Dict[str, Optional[float]]:
 def _strongest_pgd(metrics: Dict[str, Any], wanted: Optional[str]) -> Optional[str]:
     if wanted:
         return wanted if wanted in metrics else None
-    pgd = [k for k, v in metrics.items() if (v.get("attack") or {}).get("name") == "pgd"]
+    plain = lambda a: (a.get("name") == "pgd" and not a.get("targeted")
+                       and a.get("eps") is None and a.get("norm") is None)
+    pgd = [k for k, v in metrics.items() if plain(v.get("attack") or {})]
     strength = lambda k: (int(metrics[k]["attack"].get("steps", 0))
                           * int(metrics[k]["attack"].get("restarts", 1)), k)
     return max(pgd, key=strength) if pgd else None
@@ -89,11 +96,15 @@ def result_points(pattern: str, pgd_metric: Optional[str] = None,
     return points
 
 
-def published_points(points: List[Dict[str, Any]], csv_paths: List[str]) -> List[Dict[str, Any]]:
+def published_points(points: List[Dict[str, Any]], csv_paths: List[str],
+                     annotations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Published (training time, robust accuracy) points for the recipes in ``points``, from
+    the rows their ``annotations`` name (none without annotations)."""
     pub = load_published([Path(_abs(p)) for p in csv_paths])
+    annotations = annotations or {}
     out, seen = [], set()
     for p in points:
-        rows = published_for(p["_cell"], pub)
+        rows = published_for(p["_cell"], annotations.get(p["recipe"]), pub)
         times = [r for r in rows if TIME_METRIC.fullmatch(str(r["metric"]).strip())]
         robust = [r for r in rows if str(r["metric"]).startswith("robust accuracy")]
         for t in times:
@@ -120,8 +131,11 @@ def _axis(points: List[Dict[str, Any]], choices) -> Optional[tuple]:
     return None
 
 
-def plot_cost_vs_robustness(spec: Dict[str, Any], path: Path) -> Dict[str, Any]:
-    """Write the figure to ``path`` (atomically); return what it shows."""
+def plot_cost_vs_robustness(spec: Dict[str, Any], path: Path,
+                            annotations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+    """Write the figure to ``path`` (atomically); return what it shows.  ``annotations``: the
+    recipes' annotations (:func:`methods.config.recipe_annotations`); without them the plot
+    shows no published points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +147,7 @@ def plot_cost_vs_robustness(spec: Dict[str, Any], path: Path) -> Dict[str, Any]:
     points = result_points(pattern, spec.get("pgd_metric"), files)
     if files is not None:
         pattern = f"{len(files)} evaluation files"
-    published = published_points(points, list(spec.get("published") or []))
+    published = published_points(points, list(spec.get("published") or []), annotations)
     time_axis, energy_axis = _axis(points, TIME_AXES), _axis(points, ENERGY_AXES)
     panels = [a for a in (time_axis, energy_axis) if a is not None]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)) + 3, 5.2),

@@ -3,30 +3,42 @@
 * The model is rebuilt from the cell config, loaded from a named checkpoint (``last`` or
   ``best``) and forced into eval mode; BatchNorm buffers are hashed before and after and must
   not change.
-* Every attack's output is checked: inputs and adversarial images in [0, 1] and
+* Attacks are named specs (:mod:`methods.attack_specs`), run through
+  :data:`methods.registry.ATTACKS`; each may set its own ``eps`` / ``norm`` (default: the
+  evaluation's threat), so one evaluation can sweep eps.  Every adversarial batch is checked
+  against *that attack's* threat: inputs and adversarial images in [0, 1] and
   ``distance(x_adv - x) <= eps + 1e-6``.
-* Robust accuracy comes with a 95% Clopper-Pearson (exact binomial) interval.
+* Robustness is decided here from the model's own predictions: untargeted, an example is robust
+  if the prediction on every adversarial batch is still right; targeted, if it is right on the
+  clean input and no adversarial batch reaches its target (policy ``all``: no target at all).
+* Every accuracy (clean, each attack, AutoAttack, PGD on the AutoAttack subset) comes with a
+  95% Clopper-Pearson (exact binomial) interval and per-class counts
+  ``per_class: {correct: [...], total: [...]}`` indexed by class id (length = number of
+  classes), so tail and worst-class accuracies can be computed from the files.
 * PGD is run with the configured steps / step size / restarts (per-example worst case over
   restarts, :func:`methods.attacks.pgd`).  AutoAttack runs only through the pinned reference
   package (:mod:`methods.autoattack_adapter`) on a seeded, class-stratified subset of the test
-  split whose indices are recorded; PGD is also run on that same subset so the two can be
-  compared example for example (PGD should never be below AutoAttack's accuracy).
+  split whose indices are recorded; PGD (``compare_pgd``, same spec format, at AutoAttack's
+  threat) is also run on that same subset so the two can be compared example for example (PGD
+  should never be below AutoAttack's accuracy).
 """
 from __future__ import annotations
 
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from .attacks import fgsm, pgd
+from . import attacks  # noqa: F401  (fills ATTACKS)
+from .attack_specs import attack_label, attack_threat, check_attack_specs, normalize_attack_spec
 from .builders import build_cell_model, build_threat, load_weights, to_float
 from .data import load_dataset
 from .measure import make_meter
+from .registry import ATTACKS
 from .results import provenance, read_result, write_result
 from .runtime import cpu_generator, pick_device, seed_everything, set_threads
 from .subsets import stratified_subset
@@ -42,6 +54,21 @@ def accuracy_ci(correct: int, total: int) -> Dict[str, Any]:
     ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="exact")
     return {"acc": correct / total, "ci95": [float(ci.low), float(ci.high)],
             "correct": int(correct), "n": int(total)}
+
+
+def per_class_counts(ok: torch.Tensor, y: torch.Tensor, num_classes: int) -> Dict[str, list]:
+    """``{"correct": [...], "total": [...]}``: per class id, how many examples of that class
+    were counted correct (``ok``) and how many there were; both lists have ``num_classes``
+    entries and sum to the accuracy's ``correct`` and ``n``."""
+    y = y.detach().cpu().long()
+    ok = ok.detach().cpu().bool()
+    return {"correct": torch.bincount(y[ok], minlength=num_classes).tolist(),
+            "total": torch.bincount(y, minlength=num_classes).tolist()}
+
+
+def accuracy_record(ok: torch.Tensor, y: torch.Tensor, num_classes: int) -> Dict[str, Any]:
+    """:func:`accuracy_ci` of the flags ``ok`` plus their :func:`per_class_counts`."""
+    return {**accuracy_ci(int(ok.sum()), len(ok)), "per_class": per_class_counts(ok, y, num_classes)}
 
 
 def buffers_digest(model: nn.Module) -> str:
@@ -67,27 +94,34 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def batched_attack(attack, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
-                      for i in range(0, len(x), batch_size)])
+def run_attack(model: nn.Module, spec: Dict[str, Any], threat: ThreatModel, x: torch.Tensor,
+               y: torch.Tensor, batch_size: int, seed: int, what: str) -> Tuple[torch.Tensor, float]:
+    """Robust flags (bool, (N,)) of ``x, y`` under a normalized attack spec, and the largest
+    perturbation seen.  Batches of ``batch_size`` share one generator seeded with ``seed``;
+    every adversarial batch is checked against ``threat`` (:func:`check_adversarial`)."""
+    implementation = ATTACKS.get(spec["name"])
+    generator = cpu_generator(seed)
+    flags, worst = [], 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        runs = implementation(model, xb, yb, spec, threat, generator)
+        ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
+        if any(run.target is not None for run in runs):
+            ok &= predict(model, xb, batch_size) == yb   # targeted: robust needs a right answer
+        for run in runs:
+            worst = max(worst, check_adversarial(xb, run.x_adv, threat, what))
+            ok &= ~run.fooled(predict(model, run.x_adv, batch_size), yb)
+        flags.append(ok)
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool), worst
 
 
-def attack_label(spec: Dict[str, Any]) -> str:
-    if spec["name"] == "fgsm":
-        return "FGSM"
-    return f"PGD-{spec['steps']}-{spec.get('restarts', 1)}"
+def _window_name(label: str) -> str:
+    """Measurement windows are '/'-joined paths: ``eps=8/255`` becomes ``eps=8|255`` there."""
+    return label.replace("/", "|")
 
 
-def make_attack(spec: Dict[str, Any], model: nn.Module, threat: ThreatModel, seed: int):
-    name = spec["name"]
-    if name == "fgsm":
-        return lambda x, y: fgsm(model, x, y, threat)
-    if name == "pgd":
-        gen = cpu_generator(seed)
-        return lambda x, y: pgd(model, x, y, threat, alpha=float(spec["alpha"]),
-                                steps=int(spec["steps"]), restarts=int(spec.get("restarts", 1)),
-                                early_stop=bool(spec.get("early_stop", True)), generator=gen)
-    raise ValueError(f"evaluation.attacks: unknown attack {name!r} (fgsm, pgd)")
+def _threat_dict(threat: ThreatModel) -> Dict[str, Any]:
+    return {"norm": threat.norm.value, "eps": threat.eps}
 
 
 def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoint: str,
@@ -99,13 +133,22 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     ``evaluation`` comes from the workflow config (:func:`methods.config.resolve_evaluation`),
     never from ``train.json``, so a new attack or subset applies to an existing model without
     retraining; the model is rebuilt from the training identity recorded in ``train.json``.
+    Its attacks are normalized and checked here too (:func:`check_attack_specs`), so a wrong
+    spec fails before any model is loaded.  ``metrics`` holds ``clean`` and one entry per
+    attack label with the normalized spec (``attack``), the threat it used (``threat``) and
+    the largest perturbation (``max_distance``).
     """
     started = time.time()
-    train_record = read_result(train_result_path, "train_result.schema.json")
-    cell = train_record["cell"]
     ecfg = evaluation
     if "eval_hash" not in ecfg:
         raise ValueError("evaluation: missing eval_hash (resolve it with methods.config.resolve_evaluation)")
+    specs = check_attack_specs(ecfg.get("attacks"), "evaluation.attacks")
+    aa_spec = ecfg.get("autoattack")
+    compare_pgd = None
+    if aa_spec and aa_spec.get("enabled", True) and aa_spec.get("compare_pgd"):
+        compare_pgd = normalize_attack_spec(aa_spec["compare_pgd"], "evaluation.autoattack.compare_pgd")
+    train_record = read_result(train_result_path, "train_result.schema.json")
+    cell = train_record["cell"]
     set_threads(threads)
     device = pick_device(device)
     seed = int(ecfg.get("seed", 0))
@@ -114,12 +157,18 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
 
     dataset_spec = {k: v for k, v in cell["dataset"].items() if k != "name"}
     bundle = load_dataset(cell["dataset"]["name"], dataset_spec, Path(data_dir), Path(prepared_dir))
+    classes = int(bundle.num_classes)
     model = build_cell_model(cell, bundle).to(device)
     ckpt_info = train_record["checkpoints"][checkpoint]
     epoch = load_weights(Path(ckpt_info["file"]), model)
     model.eval()
     digest_before = buffers_digest(model)
-    threat = build_threat(ecfg.get("threat", cell["threat"]))
+    base_threat = _threat_dict(build_threat(ecfg.get("threat", cell["threat"])))
+    threat = build_threat(base_threat)
+    if compare_pgd and attack_threat(compare_pgd, base_threat) != base_threat:
+        raise ValueError(f"evaluation.autoattack.compare_pgd: norm/eps "
+                         f"{attack_threat(compare_pgd, base_threat)} differ from AutoAttack's "
+                         f"{base_threat}; the comparison needs the same threat (leave them unset)")
     bs = int(ecfg.get("batch_size", 500))
 
     x_all, y_all = to_float(bundle.test.x, device), bundle.test.y.to(device)
@@ -133,16 +182,15 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     metrics: Dict[str, Any] = {}
     with meter.window("run"), meter.window("evaluate"):
         with meter.window("clean"):
-            metrics["clean"] = accuracy_ci(int((predict(model, x_all, bs) == y_all).sum()), len(y_all))
-        for spec in ecfg.get("attacks", []):
+            metrics["clean"] = accuracy_record(predict(model, x_all, bs) == y_all, y_all, classes)
+        for spec in specs:
             label = attack_label(spec)
-            with meter.window(label):
-                x_adv = batched_attack(make_attack(spec, model, threat, seed), x_all, y_all, bs)
-                dist = check_adversarial(x_all, x_adv, threat, label)
-                correct = int((predict(model, x_adv, bs) == y_all).sum())
-            metrics[label] = {**accuracy_ci(correct, len(y_all)), "attack": spec,
-                              "max_distance": dist}
-        aa = _autoattack_block(ecfg.get("autoattack"), model, bundle, threat, seed, bs, device,
+            used = attack_threat(spec, base_threat)
+            with meter.window(_window_name(label)):
+                ok, dist = run_attack(model, spec, build_threat(used), x_all, y_all, bs, seed, label)
+            metrics[label] = {**accuracy_record(ok, y_all, classes), "attack": spec,
+                              "threat": used, "max_distance": dist}
+        aa = _autoattack_block(aa_spec, compare_pgd, model, bundle, threat, seed, bs, device,
                                meter)
     if model.training:
         raise AssertionError("model left eval mode during evaluation")
@@ -153,7 +201,8 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
         "cell": cell,
         "evaluation": ecfg,
         "checkpoint": {"name": checkpoint, "epoch": epoch, "file": ckpt_info["file"]},
-        "threat": {"norm": threat.norm.value, "eps": threat.eps},
+        "threat": base_threat,
+        "num_classes": classes,
         "test_examples": len(y_all),
         "metrics": metrics,
         "autoattack": aa,
@@ -166,11 +215,13 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     return write_result(result_path, record, "eval_result.schema.json")
 
 
-def _autoattack_block(spec, model, bundle, threat, seed, bs, device, meter) -> Optional[Dict[str, Any]]:
+def _autoattack_block(spec, compare_pgd, model, bundle, threat, seed, bs, device,
+                      meter) -> Optional[Dict[str, Any]]:
     if not spec or not spec.get("enabled", True):
         return None
     from .autoattack_adapter import run_autoattack
 
+    classes = int(bundle.num_classes)
     n = int(spec.get("n", 1000))
     aa_seed = int(spec.get("seed", seed))
     idx = stratified_subset(bundle.test.y, n, aa_seed)
@@ -182,18 +233,16 @@ def _autoattack_block(spec, model, bundle, threat, seed, bs, device, meter) -> O
                                 attacks=spec.get("attacks"), device=device)
     model.eval()
     check_adversarial(x, result.x_adv.to(device), threat, "AutoAttack")
-    aa_correct = int(result.robust.sum())
-    out = {**result.to_dict(), **accuracy_ci(aa_correct, len(y)),
+    aa_ok = result.robust.to(device)
+    out = {**result.to_dict(), **accuracy_record(aa_ok, y, classes),
            "indices": idx.tolist(), "subset_seed": aa_seed}
     # PGD on the very same examples, so PGD >= AutoAttack can be checked example by example.
-    pgd_spec = spec.get("compare_pgd")
-    if pgd_spec:
-        x_pgd = batched_attack(make_attack(pgd_spec, model, threat, seed), x, y, bs)
-        check_adversarial(x, x_pgd, threat, "PGD on the AutoAttack subset")
-        pgd_ok = predict(model, x_pgd, bs) == y
-        aa_ok = result.robust.to(device)
-        out["pgd_same_subset"] = {**accuracy_ci(int(pgd_ok.sum()), len(y)),
-                                  "attack": pgd_spec,
+    if compare_pgd:   # at AutoAttack's threat (checked by evaluate_cell)
+        pgd_ok, dist = run_attack(model, compare_pgd, threat, x, y, bs, seed,
+                                  "PGD on the AutoAttack subset")
+        out["pgd_same_subset"] = {**accuracy_record(pgd_ok, y, classes),
+                                  "attack": compare_pgd, "label": attack_label(compare_pgd),
+                                  "threat": _threat_dict(threat), "max_distance": dist,
                                   "robust_to_pgd_not_aa": int((pgd_ok & ~aa_ok).sum()),
                                   "robust_to_aa_not_pgd": int((aa_ok & ~pgd_ok).sum())}
     return out

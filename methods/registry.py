@@ -47,3 +47,6 @@ class Registry(Generic[T]):
 DATASETS: Registry[Callable] = Registry("dataset")
 MODELS: Registry[Callable] = Registry("model")
 METHODS: Registry[type] = Registry("method")
+#: Evaluation attacks: name -> torch implementation (:mod:`methods.attacks`); the torch-free
+#: spec of each name (fields, defaults, label) is in :mod:`methods.attack_specs`.
+ATTACKS: Registry[Callable] = Registry("attack")

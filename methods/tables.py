@@ -1,22 +1,33 @@
-"""Tables computed only from result files: never from in-memory state.
+"""Tables computed only from result files: never from in-memory state.  No torch.
 
 ``aggregate`` reads evaluation JSONs (and the ``train.json`` beside each), writes one CSV row
 per (cell, checkpoint) with numbers as numbers, and a Markdown table with accuracies in percent
-and their 95% intervals.  Where a recipe names a published row (``published:`` in the recipe,
-matched against ``paper_tables/published/*.csv`` by dataset and method), the published value is
-set beside the reproduced one.
+and their 95% intervals: one column per attack label present in the files (two PGD specs that
+differ only in eps are two columns).  Each CSV row names its training and evaluation identity
+(``train_hash``, ``eval_hash``: first 12 hex digits).
+
+Recipe *annotations* (``paper``, ``notes`` and the ``published.rows`` a recipe reproduces;
+:func:`methods.config.recipe_annotations`) come from the workflow config, not from any result
+file, because they are part of no identity.  Where a recipe names published rows, they are
+matched against the published CSVs (``paper_tables/published/*.csv``) by dataset and eps
+(:func:`published_for`) and set beside the reproduced numbers.
+
+This module and :mod:`methods.cost_plot` import neither torch nor the trainer nor the
+evaluation (attack labels come from :mod:`methods.attack_specs`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import pandas as pd
 
+from .attack_specs import attack_label
 from .config import ConfigError, number
-from .evaluation import attack_label
 from .results import atomic_write_text, read_result
+
+HASH_CHARS = 12
 
 
 def _pct(m: Optional[Dict[str, Any]]) -> str:
@@ -36,10 +47,13 @@ PUBLISHED_DATASET = {"mnist5k": "MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"
                      "cifar100": "CIFAR-100", "svhn": "SVHN"}
 
 
-def published_for(cell: Dict[str, Any], published: pd.DataFrame) -> List[Dict[str, Any]]:
-    """Published rows a recipe says it reproduces (``published.rows``), restricted to the
-    cell's dataset and, where the row states one, its epsilon."""
-    wanted = (cell.get("published") or {}).get("rows", [])
+def published_for(cell: Dict[str, Any], annotation: Optional[Mapping[str, Any]],
+                  published: pd.DataFrame) -> List[Dict[str, Any]]:
+    """Published rows a recipe's annotation says it reproduces (``annotation["published"]
+    ["rows"]``: each a mapping of published-CSV column -> value), restricted to the cell's
+    dataset and, where the row states one, the cell's training eps.  ``annotation`` ``None``
+    (or without rows): none."""
+    wanted = ((annotation or {}).get("published") or {}).get("rows", [])
     if published.empty or not wanted:
         return []
     dataset = PUBLISHED_DATASET.get(cell["dataset"].get("source", ""), "")
@@ -48,6 +62,9 @@ def published_for(cell: Dict[str, Any], published: pd.DataFrame) -> List[Dict[st
     for w in wanted:
         hit = published
         for key, value in w.items():
+            if key not in hit.columns:
+                raise ConfigError(f"published.rows: column {key!r} is not in the published CSVs "
+                                  f"(columns: {sorted(published.columns)})")
             hit = hit[hit[key].astype(str) == str(value)]
         for row in hit.to_dict("records"):
             if str(row.get("dataset", "")).split(" (")[0].strip() != dataset:
@@ -89,7 +106,8 @@ def rows_from_results(eval_paths: List[Path]) -> List[Dict[str, Any]]:
             row["train_fwd_per_example"] = tr["passes"]["per_example"]["forward"]
             row["train_bwd_per_example"] = tr["passes"]["per_example"]["backward"]
             row["train_wall_s"] = tr["provenance"]["wall_s"]
-        row["config_hash"] = cell["config_hash"][:12]
+        row["train_hash"] = cell["train_hash"][:HASH_CHARS]
+        row["eval_hash"] = ev["evaluation"]["eval_hash"][:HASH_CHARS]
         row["_metrics"] = ev["metrics"]
         row["_aa"] = aa
         row["_cell"] = cell
@@ -98,23 +116,37 @@ def rows_from_results(eval_paths: List[Path]) -> List[Dict[str, Any]]:
 
 
 def aggregate(eval_paths: List[Path], markdown: Path, csv: Path,
-              published: Optional[List[Path]] = None) -> pd.DataFrame:
+              published: Optional[List[Path]] = None,
+              annotations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> pd.DataFrame:
+    """Write the CSV and Markdown tables of ``eval_paths``; return the CSV's frame.
+
+    ``published``: published-number CSVs; ``annotations``: ``{recipe: {"paper", "notes",
+    "published": {"rows": [...]}}}`` from the workflow config (a recipe without one gets no
+    published rows and no notes)."""
     rows = rows_from_results(eval_paths)
     pub = load_published(published or [])
     frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
     if not frame.empty:
         frame = frame.sort_values(["dataset", "arch", "method", "recipe", "seed", "checkpoint"])
     atomic_write_text(csv, frame.to_csv(index=False))
-    atomic_write_text(markdown, render_markdown(rows, pub))
+    atomic_write_text(markdown, render_markdown(rows, pub, annotations or {}))
     return frame
 
 
-def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
-    attack_labels: List[str] = []
+def attack_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    """Every attack label present in the rows' metrics, in order of first appearance."""
+    labels: List[str] = []
     for r in rows:
         for label in r["_metrics"]:
-            if label != "clean" and label not in attack_labels:
-                attack_labels.append(label)
+            if label != "clean" and label not in labels:
+                labels.append(label)
+    return labels
+
+
+def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
+                    annotations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
+    annotations = annotations or {}
+    attack_labels = attack_columns(rows)
     head = (["dataset", "arch", "method", "recipe", "seed", "ckpt", "clean"] + attack_labels
             + ["AutoAttack (n)", "PGD on the AA subset", "fwd+bwd / example", "train s", "CO"])
     lines = ["Accuracy in % with exact 95% binomial intervals; AutoAttack on a seeded "
@@ -131,13 +163,13 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
                  _pct(r["_metrics"]["clean"])] + [_pct(r["_metrics"].get(l)) for l in attack_labels]
         same = (aa or {}).get("pgd_same_subset")
         cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run",
-                  f"{_pct(same)} {attack_label(same['attack'])}" if same else "n/a", passes,
+                  f"{_pct(same)} {same.get('label') or attack_label(same['attack'])}" if same else "n/a", passes,
                   f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "n/a",
                   "yes" if r.get("co_detected") else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     published_lines = []
     for r in sorted(rows, key=key):
-        for p in published_for(r["_cell"], pub):
+        for p in published_for(r["_cell"], annotations.get(r["recipe"]), pub):
             published_lines.append(
                 f"| {r['recipe']} | {p['paper']} | {p['dataset']} | {p['method']} | "
                 f"{p['attack']} | {p['metric']} | {p['value']} | {p['source']} |")
@@ -146,4 +178,14 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame) -> str:
                   "budget unless the recipe says so):", "",
                   "| recipe | paper | dataset | method | attack | metric | value | source |",
                   "|---|---|---|---|---|---|---|---|"] + sorted(set(published_lines))
+    notes = [f"| {name} | {_cell_text(a.get('paper'))} | {_cell_text(a.get('notes'))} |"
+             for name, a in sorted(annotations.items())
+             if name in {r["recipe"] for r in rows} and (a.get("paper") or a.get("notes"))]
+    if notes:
+        lines += ["", "Recipes:", "", "| recipe | paper | notes |", "|---|---|---|"] + notes
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(text: Any) -> str:
+    """Free text as one Markdown table cell (no line breaks, no bare pipes)."""
+    return " ".join(str(text or "").split()).replace("|", "\\|")

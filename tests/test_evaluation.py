@@ -1,12 +1,15 @@
-"""Evaluation: CIs, stratified subsets, guards, and PGD vs AutoAttack on the same examples."""
+"""Evaluation: CIs, per-class counts, stratified subsets, guards, per-attack threats (eps
+sweeps, targeted PGD), attack-spec errors, and PGD vs AutoAttack on the same examples."""
 import pytest
 import torch
 
-from methods.evaluation import accuracy_ci, check_adversarial, evaluate_cell
+from methods.attack_specs import AttackSpecError
+from methods.config import config_hash, resolve_cell, resolve_evaluation
+from methods.evaluation import accuracy_ci, accuracy_record, check_adversarial, evaluate_cell
 from methods.results import read_result
 from methods.subsets import stratified_subset
 from methods.threat import ThreatModel
-from tests.test_training import run, tiny_cell
+from methods.training import train_cell
 
 
 def test_exact_binomial_interval():
@@ -14,6 +17,14 @@ def test_exact_binomial_interval():
     assert ci["acc"] == 0.5
     assert ci["ci95"] == pytest.approx([0.3983, 0.6017], abs=1e-4)  # Clopper-Pearson
     assert accuracy_ci(0, 20)["ci95"][0] == 0.0 and accuracy_ci(20, 20)["ci95"][1] == 1.0
+
+
+def test_per_class_counts_are_indexed_by_class_and_sum_to_the_totals():
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    ok = torch.tensor([True, False, True, False, True, True])
+    rec = accuracy_record(ok, y, num_classes=4)
+    assert rec["per_class"] == {"correct": [1, 1, 2, 0], "total": [2, 1, 3, 0]}
+    assert (rec["correct"], rec["n"]) == (4, 6)
 
 
 def test_stratified_subset_is_seeded_and_proportional():
@@ -35,46 +46,133 @@ def test_guards_reject_out_of_ball_and_out_of_range():
         check_adversarial(x, x + 0.6, ThreatModel("linf", 1.0), "out of range")
 
 
+# ----------------------------------------------------------------------------- a trained cell
+TINY_CONFIG = {
+    "datasets": {"mnist5k": {"source": "mnist5k"}},
+    "archs": {"smallcnn-tiny": {"model": "smallcnn", "width": 0.125}},
+    "recipes": {"pgd_tiny": {
+        "method": "pgd_at", "method_args": {"steps": 3, "alpha": 0.1},
+        "threat": {"norm": "linf", "eps": 0.3}, "normalization": "none", "augmentation": "none",
+        "train": {"epochs": 2, "batch_size": 32, "max_steps_per_epoch": 20,
+                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                  "schedule": {"name": "cyclic", "peak_at": 0.5},
+                  "monitor": {"n": 40, "steps": 2}}}},
+    "cells": [{"datasets": ["mnist5k"], "archs": ["smallcnn-tiny"], "recipes": ["pgd_tiny"],
+               "seeds": [3]}],
+    "evaluation": {
+        "checkpoints": ["last", "best"], "batch_size": 200, "n": 100, "seed": 0,
+        "attacks": [{"name": "fgsm"}, {"name": "pgd", "steps": 5, "alpha": 0.1, "restarts": 2}],
+        "autoattack": {"version": "custom", "attacks": ["apgd-ce"], "n": 30, "seed": 0,
+                       "compare_pgd": {"name": "pgd", "steps": 20, "alpha": "1/20", "restarts": 2}}},
+}
+
+
+def evaluation_identity(**changes):
+    """An evaluation identity by hand: TINY_CONFIG's block with ``changes``, hashed."""
+    spec = {k: v for k, v in TINY_CONFIG["evaluation"].items() if k != "checkpoints"}
+    spec.update(changes)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    return {**spec, "eval_hash": config_hash(spec)}
+
+
 @pytest.fixture(scope="module")
 def trained(mnist5k_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    cell = tiny_cell("pgd_at", {"steps": 3, "alpha": 0.1}, epochs=2)
-    cell["train"]["max_steps_per_epoch"] = 20
-    cell["evaluation"]["autoattack"] = {
-        "version": "custom", "attacks": ["apgd-ce"], "n": 30, "seed": 0,
-        "compare_pgd": {"name": "pgd", "steps": 20, "alpha": 0.05, "restarts": 2}}
-    from methods.config import config_hash
-    cell["config_hash"] = config_hash({k: v for k, v in cell.items() if k != "config_hash"})
-    run(cell, mnist5k_prepared, out)
+    cell = resolve_cell(TINY_CONFIG, "mnist5k", "smallcnn-tiny", "pgd_tiny", 3)
+    train_cell(cell, mnist5k_prepared / "data", mnist5k_prepared / "prepared", out,
+               out / "train.json", device="cpu", threads=1, meter_backend="null")
     return mnist5k_prepared, out
 
 
+def evaluate(trained, evaluation, name="eval.json", checkpoint="last"):
+    root, out = trained
+    return evaluate_cell(out / "train.json", evaluation, checkpoint, root / "data",
+                         root / "prepared", out / name, device="cpu", threads=1,
+                         meter_backend="null")
+
+
+def assert_per_class_consistent(m, num_classes):
+    pc = m["per_class"]
+    assert len(pc["correct"]) == len(pc["total"]) == num_classes
+    assert sum(pc["correct"]) == m["correct"] and sum(pc["total"]) == m["n"]
+    assert all(0 <= c <= t for c, t in zip(pc["correct"], pc["total"]))
+
+
+# ----------------------------------------------------------------------------- evaluate_cell
 @pytest.mark.parametrize("checkpoint", ["last", "best"])
 def test_evaluation_record_is_guarded_and_complete(trained, checkpoint):
     root, out = trained
-    rec = evaluate_cell(out / "train.json", checkpoint, root / "data", root / "prepared",
-                        out / f"eval_{checkpoint}.json")
+    evaluation = resolve_evaluation(TINY_CONFIG, "pgd_tiny")
+    rec = evaluate(trained, evaluation, f"eval_{checkpoint}.json", checkpoint)
     assert read_result(out / f"eval_{checkpoint}.json", "eval_result.schema.json") == rec
+    assert rec["evaluation"] == evaluation and "evaluation" not in rec["cell"]
+    assert rec["provenance"]["eval_hash"] == evaluation["eval_hash"]
     assert rec["checkpoint"]["name"] == checkpoint
     assert rec["guards"]["buffers_unchanged"] and rec["guards"]["eval_mode"]
-    assert rec["metrics"]["PGD-5-2"]["max_distance"] <= 0.3 + 1e-6
-    assert rec["metrics"]["PGD-5-2"]["acc"] <= rec["metrics"]["clean"]["acc"]
+    assert set(rec["metrics"]) == {"clean", "FGSM", "PGD-5-2"}   # today's labels
+    pgd = rec["metrics"]["PGD-5-2"]
+    assert pgd["max_distance"] <= 0.3 + 1e-6 and pgd["threat"] == {"norm": "linf", "eps": 0.3}
+    assert pgd["attack"]["early_stop"] is True and pgd["attack"]["alpha"] == 0.1
+    assert pgd["acc"] <= rec["metrics"]["clean"]["acc"]
     aa = rec["autoattack"]
     assert len(aa["indices"]) == 30 and aa["indices"] == sorted(aa["indices"])
     # The same examples under PGD: a correct AutoAttack is at least as strong as PGD.
     assert aa["acc"] <= aa["pgd_same_subset"]["acc"] + 1e-12
+    assert aa["pgd_same_subset"]["label"] == "PGD-20-2"
     assert aa["package"] == "pyautoattack"
+    assert rec["num_classes"] == 10
+    for m in [*rec["metrics"].values(), aa, aa["pgd_same_subset"]]:
+        assert_per_class_consistent(m, 10)
+    assert rec["metrics"]["clean"]["per_class"]["total"] == [10] * 10   # stratified n=100
+    assert aa["per_class"]["total"] == [3] * 10
 
 
-def test_published_rows_match_dataset_and_eps_exactly():
+def test_one_evaluation_sweeps_eps_and_runs_targeted_pgd(trained):
+    attacks = [{"name": "pgd", "steps": 5, "alpha": 0.05},
+               {"name": "pgd", "steps": 5, "alpha": 0.05, "eps": 0.1},
+               {"name": "pgd", "steps": 5, "alpha": 0.05, "targeted": "random"},
+               {"name": "pgd", "steps": 5, "alpha": 0.05, "eps": 0.2, "targeted": "least_likely"},
+               {"name": "fgsm", "norm": "l2", "eps": 1.5}]
+    rec = evaluate(trained, evaluation_identity(attacks=attacks, autoattack=None))
+    m = rec["metrics"]
+    assert list(m) == ["clean", "PGD-5-1", "PGD-5-1-eps=0.1", "PGD-5-1-targeted=random",
+                       "PGD-5-1-eps=0.2-targeted=least_likely", "FGSM-L2-eps=1.5"]
+    expected = {"PGD-5-1": ("linf", 0.3), "PGD-5-1-eps=0.1": ("linf", 0.1),
+                "PGD-5-1-targeted=random": ("linf", 0.3),
+                "PGD-5-1-eps=0.2-targeted=least_likely": ("linf", 0.2),
+                "FGSM-L2-eps=1.5": ("l2", 1.5)}
+    for label, (norm, eps) in expected.items():
+        assert m[label]["threat"] == {"norm": norm, "eps": eps}, label
+        assert 0 < m[label]["max_distance"] <= eps + 1e-6, label   # checked against ITS eps
+        assert m[label]["acc"] <= m["clean"]["acc"], label
+        assert_per_class_consistent(m[label], 10)
+    # A smaller ball cannot be a stronger attack here by much; the 0.1 column is its own number.
+    assert m["PGD-5-1-eps=0.1"]["max_distance"] <= 0.1 + 1e-6 < m["PGD-5-1"]["max_distance"]
+    assert m["PGD-5-1-targeted=random"]["attack"]["targeted"] == "random"
 
-    from methods.config import REPO_ROOT
-    from methods.tables import load_published, published_for
 
-    pub = load_published([REPO_ROOT / "paper_tables/published/bb_nfgsm_fgsmrs_pgd_selective.csv"])
-    rows = [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]
-    cell = {"dataset": {"source": "cifar10"}, "threat": {"eps": 8 / 255}, "published": {"rows": rows}}
-    got = {(r["dataset"], r["value"]) for r in published_for(cell, pub)}
-    assert got == {("CIFAR-10", "81.64"), ("CIFAR-10", "49.51")}  # not CIFAR-100's rows
-    cell["threat"]["eps"] = 2 / 255
-    assert published_for(cell, pub) == []
+def test_bad_attack_specs_fail_before_anything_is_written(trained):
+    root, out = trained
+    with pytest.raises(AttackSpecError, match=r"evaluation.attacks\[1\]: unknown key 'stepz'"):
+        evaluate(trained, evaluation_identity(attacks=[{"name": "fgsm"},
+                                                        {"name": "pgd", "stepz": 5, "alpha": 0.1}]),
+                 "bad.json")
+    with pytest.raises(AttackSpecError, match=r"evaluation.attacks\[0\].name: unknown attack 'cw'"):
+        evaluate(trained, evaluation_identity(attacks=[{"name": "cw"}]), "bad.json")
+    with pytest.raises(AttackSpecError, match="same label 'PGD-5-1'"):
+        evaluate(trained, evaluation_identity(attacks=[{"name": "pgd", "steps": 5, "alpha": 0.1},
+                                                        {"name": "pgd", "steps": 5, "alpha": 0.2}]),
+                 "bad.json")
+    assert not (out / "bad.json").exists()
+
+
+def test_compare_pgd_must_use_autoattacks_threat(trained):
+    aa = dict(TINY_CONFIG["evaluation"]["autoattack"], n=10,
+              compare_pgd={"name": "pgd", "steps": 2, "alpha": 0.1, "eps": 0.1})
+    with pytest.raises(ValueError, match="compare_pgd: norm/eps"):
+        evaluate(trained, evaluation_identity(attacks=[], autoattack=aa), "bad_aa.json")
+
+
+def test_evaluation_needs_an_eval_hash(trained):
+    with pytest.raises(ValueError, match="eval_hash"):
+        evaluate(trained, {"attacks": []})

@@ -1,0 +1,137 @@
+"""Tables and the cost plot's published points: computed from result files and the recipes'
+annotations only, one column per attack label, identities in the CSV, and no torch."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from methods.attack_specs import attack_label, normalize_attack_spec
+from methods.config import REPO_ROOT, config_hash
+from methods.cost_plot import published_points
+from methods.results import write_result
+from methods.tables import aggregate, load_published, published_for
+
+
+def test_tables_and_cost_plot_import_no_torch():
+    code = ("import sys, methods.tables, methods.cost_plot, methods.attack_specs; "
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')"
+            " or m in ('methods.evaluation', 'methods.training', 'methods.attacks')); "
+            "print(loaded); sys.exit(1 if loaded else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"imported: {done.stdout} {done.stderr}"
+
+
+# ----------------------------------------------------------------------------- fake results
+def _cell(recipe, eps=0.3, source="mnist5k"):
+    cell = {"dataset": {"name": source, "source": source},
+            "arch": {"name": "smallcnn-w0.5", "model": "smallcnn", "width": 0.5},
+            "recipe": recipe, "method": "nfgsm", "method_args": {},
+            "threat": {"norm": "linf", "eps": eps}, "train": {"epochs": 1}, "seed": 0,
+            "runtime": {"amp": None, "channels_last": None, "compile": None}}
+    return {**cell, "train_hash": config_hash(cell)}
+
+
+def _acc(correct, total=(10, 10)):
+    """An accuracy record from per-class counts (two classes)."""
+    c, n = sum(correct), sum(total)
+    return {"acc": c / n, "ci95": [max(0.0, c / n - 0.1), min(1.0, c / n + 0.1)], "correct": c,
+            "n": n, "per_class": {"correct": list(correct), "total": list(total)}}
+
+
+def _metric(spec, correct, base_eps=0.3):
+    spec = normalize_attack_spec(spec)
+    eps = spec["eps"] if spec["eps"] is not None else base_eps
+    return attack_label(spec), {**_acc(correct), "attack": spec,
+                                "threat": {"norm": "linf", "eps": eps}, "max_distance": eps}
+
+
+def write_eval(root, recipe, attacks, eps=0.3, source="mnist5k"):
+    cell = _cell(recipe, eps, source)
+    evaluation = {"attacks": [s for s, _ in attacks]}
+    evaluation["eval_hash"] = config_hash(evaluation)
+    metrics = {"clean": _acc((9, 8)), **dict(_metric(s, c, eps) for s, c in attacks)}
+    path = root / recipe / "eval_last.json"
+    write_result(path, {
+        "kind": "evaluate", "cell": cell, "evaluation": evaluation,
+        "checkpoint": {"name": "last", "epoch": 0}, "threat": {"norm": "linf", "eps": eps},
+        "num_classes": 2, "test_examples": 20, "metrics": metrics, "autoattack": None,
+        "guards": {"eval_mode": True, "buffers_unchanged": True, "inputs_in_unit_box": True},
+        "measurement": {"backend": "null", "records": []},
+        "provenance": {"train_hash": cell["train_hash"], "eval_hash": evaluation["eval_hash"],
+                       "git": {"commit": None}, "python": "3.11",
+                       "packages": {"torch": "2", "pyautoattack": None},
+                       "device": {"type": "cpu"}, "seed": 0, "wall_s": 1.0}},
+        "eval_result.schema.json")
+    return path, cell, evaluation
+
+
+PGD = {"name": "pgd", "steps": 10, "alpha": 0.01}
+
+
+def test_one_column_per_attack_label_and_identities_in_the_csv(tmp_path):
+    a, cell_a, ev_a = write_eval(tmp_path, "a", [({"name": "fgsm"}, (7, 6)), (PGD, (5, 4)),
+                                                 ({**PGD, "eps": 0.2}, (6, 6))])
+    b, _, _ = write_eval(tmp_path, "b", [(PGD, (3, 2)),
+                                         ({**PGD, "targeted": "least_likely"}, (8, 7))])
+    frame = aggregate([a, b], tmp_path / "t.md", tmp_path / "t.csv")
+    md = (tmp_path / "t.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    labels = ["FGSM", "PGD-10-1", "PGD-10-1-eps=0.2", "PGD-10-1-targeted=least_likely"]
+    assert columns[7:11] == labels
+    row_b = next(line for line in md.splitlines() if line.startswith("| mnist5k") and "| b |" in line)
+    assert [c.strip() for c in row_b.strip("|").split("|")][7] == "n/a"   # b ran no FGSM
+    csv = pd.read_csv(tmp_path / "t.csv")
+    assert "config_hash" not in csv.columns
+    row = csv[csv["recipe"] == "a"].iloc[0]
+    assert row["train_hash"] == cell_a["train_hash"][:12] and row["eval_hash"] == ev_a["eval_hash"][:12]
+    assert row["PGD-10-1_acc"] == 0.45 and row["PGD-10-1-eps=0.2_acc"] == 0.6
+    assert pd.isna(row["PGD-10-1-targeted=least_likely_acc"])
+    assert list(frame["recipe"]) == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- published rows
+PUBLISHED_CSV = REPO_ROOT / "paper_tables/published/bb_nfgsm_fgsmrs_pgd_selective.csv"
+
+
+def test_published_rows_come_from_the_annotation_and_match_dataset_and_eps_exactly():
+    pub = load_published([PUBLISHED_CSV])
+    rows = [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]
+    annotation = {"paper": "", "notes": "", "published": {"rows": rows}}
+    cell = {"dataset": {"source": "cifar10"}, "threat": {"eps": 8 / 255}}
+    got = {(r["dataset"], r["value"]) for r in published_for(cell, annotation, pub)}
+    assert got == {("CIFAR-10", "81.64"), ("CIFAR-10", "49.51")}  # not CIFAR-100's rows
+    assert published_for(cell, None, pub) == []                   # no annotation, no rows
+    assert published_for({**cell, "published": {"rows": rows}}, None, pub) == []  # never the cell's
+    assert published_for({**cell, "threat": {"eps": 2 / 255}}, annotation, pub) == []
+
+
+def test_aggregate_sets_published_rows_and_notes_from_the_annotations(tmp_path):
+    path, _, _ = write_eval(tmp_path, "nfgsm_c10", [(PGD, (5, 5))], eps=8 / 255, source="cifar10")
+    rows = [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]
+    annotations = {"nfgsm_c10": {"paper": "de Jorge et al. 2022", "notes": "one line\nand | two",
+                                 "published": {"rows": rows}},
+                   "elsewhere": {"paper": "not in this run", "notes": "", "published": {}}}
+    aggregate([path], tmp_path / "t.md", tmp_path / "t.csv", published=[PUBLISHED_CSV],
+              annotations=annotations)
+    md = (tmp_path / "t.md").read_text()
+    assert "| nfgsm_c10 | lp-FGSM README" in md and "81.64" in md
+    assert "| nfgsm_c10 | de Jorge et al. 2022 | one line and \\| two |" in md
+    assert "not in this run" not in md
+    aggregate([path], tmp_path / "u.md", tmp_path / "u.csv", published=[PUBLISHED_CSV])
+    assert "81.64" not in (tmp_path / "u.md").read_text()
+
+
+def test_cost_plot_published_points_follow_the_annotations(tmp_path):
+    csv = tmp_path / "published.csv"
+    csv.write_text("paper,dataset,method,eps,attack,metric,value,source\n"
+                   "P,MNIST,N-FGSM,0.3,n/a,training time (minutes),2,s\n"
+                   "P,MNIST,N-FGSM,0.3,PGD-50,robust accuracy (%),88.5,s\n")
+    points = [{"recipe": "a", "_cell": _cell("a")}, {"recipe": "b", "_cell": _cell("b")}]
+    annotations = {"a": {"published": {"rows": [{"paper": "P", "method": "N-FGSM"}]}}}
+    shown = published_points(points, [str(csv)], annotations)
+    assert shown == [{"paper": "P", "dataset": "MNIST", "method": "N-FGSM", "seconds": 120.0,
+                      "robust_acc": pytest.approx(0.885), "attack": "PGD-50", "recipe": "a"}]
+    assert published_points(points, [str(csv)]) == []
