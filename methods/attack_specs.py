@@ -26,16 +26,16 @@ field                     fgsm    pgd        meaning
                                              or ``all`` (once per non-true class)
 ========================  ======  =========  =================================================
 
-Labels (:func:`attack_label`) name the attack in metrics, tables and CSV columns.  The base is
-``FGSM`` or ``PGD-<steps>-<restarts>``; every other field that differs from its default adds a
-suffix, in this order: ``L2`` / ``Linf`` (norm), ``eps=<eps>`` (``eps=8/255`` when eps is k/255
-and has no short decimal form, else ``eps=0.3``), ``targeted=<policy>``, ``zero_start``
-(random start off), ``no_early_stop``.  So ``{name: pgd, steps: 40, alpha: 0.01}`` is
-``PGD-40-1`` and the same with ``eps: 0.2, targeted: least_likely`` is
-``PGD-40-1-eps=0.2-targeted=least_likely``.  The step size ``alpha`` is the one field a label
-does not show (it is required, so it has no default to differ from, and published tables name
-PGD by steps alone); it is recorded in every metric's spec.  :func:`check_attack_specs` raises
-if two attacks of one evaluation share a label, naming both.  Errors are
+Labels (:func:`attack_label`) name the attack in metrics, tables and CSV columns, and are
+derived from the whole spec.  The base is ``FGSM`` or ``PGD-<steps>-<restarts>``; PGD always
+adds its step size ``alpha=<alpha>`` (it is required, so there is no default to leave out);
+every other field that differs from its default adds a suffix, in this order: ``L2`` / ``Linf``
+(norm), ``eps=<eps>`` (``eps=8/255`` when eps is k/255 and has no short decimal form, else
+``eps=0.3``), ``targeted=<policy>``, ``zero_start`` (random start off), ``no_early_stop``.  So
+``{name: pgd, steps: 40, alpha: 0.01}`` is ``PGD-40-1-alpha=0.01`` and the same with
+``eps: 0.2, targeted: least_likely`` is ``PGD-40-1-alpha=0.01-eps=0.2-targeted=least_likely``.
+Two specs have the same label only if they are the same attack; :func:`check_attack_specs`
+raises if an evaluation lists one twice, naming both entries.  Errors are
 :class:`AttackSpecError` (a ``ValueError``) naming the field, e.g. ``evaluation.attacks[1].steps``.
 
 Targeted semantics (applied by :mod:`methods.evaluation`): a targeted run succeeds on an
@@ -169,7 +169,8 @@ ATTACK_KINDS.register("fgsm")(AttackKind(
     base_label=lambda spec: "FGSM"))
 
 ATTACK_KINDS.register("pgd")(AttackKind(
-    fields={"steps": Field(_count), "restarts": Field(_count, 1), "alpha": Field(_positive),
+    fields={"steps": Field(_count), "restarts": Field(_count, 1),
+            "alpha": Field(_positive, token=lambda v: f"alpha={format_eps(v)}"),
             "norm": NORM, "eps": EPS,
             "targeted": Field(_choice(TARGET_POLICIES), None, lambda v: f"targeted={v}"),
             "random_start": Field(_flag, True, lambda v: "zero_start"),
@@ -243,8 +244,7 @@ def check_attack_specs(specs: Optional[Sequence[Mapping[str, Any]]],
             j = seen[label]
             raise AttackSpecError(
                 f"{where}[{j}] and {where}[{i}] have the same label {label!r}: {dict(specs[j])} "
-                f"and {dict(specs[i])}; labels show every field except alpha, so two attacks "
-                f"that differ only in alpha cannot share an evaluation: drop one")
+                f"and {dict(specs[i])} are the same attack: drop one")
         seen[label] = i
     return out
 

@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import yaml
 
+from .attack_specs import AttackSpecError, check_attack_specs, normalize_attack_spec
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 FRACTION = re.compile(r"\s*-?\d+(\.\d+)?\s*/\s*\d+(\.\d+)?\s*")
@@ -240,6 +242,16 @@ def resolve_evaluation(config: Mapping[str, Any], recipe: str,
     spec = deep_merge(config.get("evaluation", {}), recipes[recipe].get("evaluation", {}))
     spec.pop("checkpoints", None)
     spec = _numbers(spec, "evaluation")
+    # Attack specs normalized (defaults filled, labels unique), so an equivalent spelling is the
+    # same identity and a bad spec fails while the DAG is built, before any job runs.
+    try:
+        spec["attacks"] = check_attack_specs(spec.get("attacks"))
+        compare = (spec.get("autoattack") or {}).get("compare_pgd")
+        if compare:
+            spec["autoattack"]["compare_pgd"] = normalize_attack_spec(
+                compare, "evaluation.autoattack.compare_pgd")
+    except AttackSpecError as e:
+        raise ConfigError(f"recipe {recipe!r}: {e}") from None
     spec["eval_hash"] = config_hash(spec)
     return spec
 

@@ -156,27 +156,28 @@ def test_every_attack_spec_has_a_torch_implementation_and_registries_reject_dupl
         r.get("y")
 
 
-def test_the_default_configs_specs_keep_their_labels():
+def test_default_config_specs_are_labelled_by_steps_restarts_and_step_size():
     assert attack_label({"name": "fgsm"}) == "FGSM"
-    assert attack_label({"name": "pgd", "steps": 40, "alpha": 0.01, "restarts": 1}) == "PGD-40-1"
-    assert attack_label({"name": "pgd", "steps": 40, "alpha": 0.01}) == "PGD-40-1"
-    assert attack_label({"name": "pgd", "steps": 50, "alpha": "2/255", "restarts": 10}) == "PGD-50-10"
+    assert attack_label({"name": "pgd", "steps": 40, "alpha": 0.01, "restarts": 1}) == "PGD-40-1-alpha=0.01"
+    assert attack_label({"name": "pgd", "steps": 40, "alpha": 0.01}) == "PGD-40-1-alpha=0.01"
+    assert attack_label({"name": "pgd", "steps": 50, "alpha": "2/255", "restarts": 10}) == "PGD-50-10-alpha=2/255"
 
 
 def test_labels_name_every_non_default_field_in_a_fixed_order():
     base = {"name": "pgd", "steps": 10, "alpha": 0.01}
     cases = {
-        (("eps", 8 / 255),): "PGD-10-1-eps=8/255",
-        (("eps", "16/255"),): "PGD-10-1-eps=16/255",
-        (("eps", 0.3),): "PGD-10-1-eps=0.3",
-        (("norm", "L2"), ("eps", 1)): "PGD-10-1-L2-eps=1",
-        (("targeted", "least_likely"),): "PGD-10-1-targeted=least_likely",
-        (("targeted", "all"), ("restarts", 3)): "PGD-10-3-targeted=all",
-        (("random_start", False),): "PGD-10-1-zero_start",
-        (("early_stop", False),): "PGD-10-1-no_early_stop",
+        (("eps", 8 / 255),): "PGD-10-1-alpha=0.01-eps=8/255",
+        (("eps", "16/255"),): "PGD-10-1-alpha=0.01-eps=16/255",
+        (("eps", 0.3),): "PGD-10-1-alpha=0.01-eps=0.3",
+        (("norm", "L2"), ("eps", 1)): "PGD-10-1-alpha=0.01-L2-eps=1",
+        (("targeted", "least_likely"),): "PGD-10-1-alpha=0.01-targeted=least_likely",
+        (("targeted", "all"), ("restarts", 3)): "PGD-10-3-alpha=0.01-targeted=all",
+        (("random_start", False),): "PGD-10-1-alpha=0.01-zero_start",
+        (("early_stop", False),): "PGD-10-1-alpha=0.01-no_early_stop",
         (("early_stop", False), ("targeted", "random"), ("eps", 0.5), ("norm", "linf")):
-            "PGD-10-1-Linf-eps=0.5-targeted=random-no_early_stop",
-        (("targeted", None), ("random_start", True), ("early_stop", True)): "PGD-10-1",
+            "PGD-10-1-alpha=0.01-Linf-eps=0.5-targeted=random-no_early_stop",
+        (("targeted", None), ("random_start", True), ("early_stop", True)): "PGD-10-1-alpha=0.01",
+        (("alpha", 0.02),): "PGD-10-1-alpha=0.02",
     }
     for changes, label in cases.items():
         assert attack_label({**base, **dict(changes)}) == label, changes
@@ -218,16 +219,18 @@ def test_bad_specs_raise_naming_the_field(spec, message):
         check_attack_specs([spec])
 
 
-def test_label_clash_names_both_specs_and_eps_sweeps_do_not_clash():
+def test_label_clash_names_both_specs_and_eps_or_alpha_sweeps_do_not_clash():
     sweep = check_attack_specs([{"name": "pgd", "steps": 10, "alpha": 0.01},
                                 {"name": "pgd", "steps": 10, "alpha": 0.01, "eps": 0.2},
-                                {"name": "pgd", "steps": 10, "alpha": 0.01, "eps": 0.4}])
-    assert [attack_label(s) for s in sweep] == ["PGD-10-1", "PGD-10-1-eps=0.2", "PGD-10-1-eps=0.4"]
+                                {"name": "pgd", "steps": 10, "alpha": 0.01, "eps": 0.4},
+                                {"name": "pgd", "steps": 10, "alpha": 0.02}])
+    assert [attack_label(s) for s in sweep] == ["PGD-10-1-alpha=0.01", "PGD-10-1-alpha=0.01-eps=0.2",
+                                                "PGD-10-1-alpha=0.01-eps=0.4", "PGD-10-1-alpha=0.02"]
     with pytest.raises(AttackSpecError,
                        match=r"evaluation.attacks\[0\] and evaluation.attacks\[2\] have the same "
-                             r"label 'PGD-10-1'.*'alpha': 0.01.*'alpha': 0.02"):
+                             r"label 'PGD-10-1-alpha=0.01'.*'alpha': 0.01.*'restarts': 1"):
         check_attack_specs([{"name": "pgd", "steps": 10, "alpha": 0.01}, {"name": "fgsm"},
-                            {"name": "pgd", "steps": 10, "alpha": 0.02, "restarts": 1}])
+                            {"name": "pgd", "steps": 10, "alpha": "0.01", "restarts": 1}])
     with pytest.raises(AttackSpecError, match="same label 'FGSM'"):
         check_attack_specs([{"name": "fgsm"}, {"name": "fgsm", "eps": None}])
     assert check_attack_specs(None) == []

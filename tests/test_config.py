@@ -121,6 +121,18 @@ def test_evaluation_identity_merges_recipe_over_config_and_hashes_it():
         resolve_evaluation(BASE, "nope")
 
 
+def test_evaluation_identity_normalizes_attacks_and_rejects_bad_ones_early():
+    spelled = _with(BASE, evaluation__attacks=[{"name": "pgd", "steps": 10, "alpha": 2 / 255,
+                                               "restarts": 1, "early_stop": True}])
+    assert resolve_evaluation(spelled, "child") == resolve_evaluation(BASE, "child")
+    bad = _with(BASE, evaluation__attacks=[{"name": "pgd", "steps": 10}])
+    with pytest.raises(ConfigError, match=r"recipe 'child': evaluation.attacks\[0\].alpha: missing"):
+        resolve_evaluation(bad, "child")
+    twice = _with(BASE, evaluation__attacks=[{"name": "fgsm"}, {"name": "fgsm"}])
+    with pytest.raises(ConfigError, match="same label 'FGSM'"):
+        resolve_evaluation(twice, "child")
+
+
 def test_annotations_carry_text_and_published_links_for_the_tables():
     config = _with(BASE, recipes__child__notes="n", recipes__child__published={
         "rows": [{"paper": "P", "eps": "8/255"}]})

@@ -109,8 +109,8 @@ def test_evaluation_record_is_guarded_and_complete(trained, checkpoint):
     assert rec["provenance"]["eval_hash"] == evaluation["eval_hash"]
     assert rec["checkpoint"]["name"] == checkpoint
     assert rec["guards"]["buffers_unchanged"] and rec["guards"]["eval_mode"]
-    assert set(rec["metrics"]) == {"clean", "FGSM", "PGD-5-2"}   # today's labels
-    pgd = rec["metrics"]["PGD-5-2"]
+    assert set(rec["metrics"]) == {"clean", "FGSM", "PGD-5-2-alpha=0.1"}
+    pgd = rec["metrics"]["PGD-5-2-alpha=0.1"]
     assert pgd["max_distance"] <= 0.3 + 1e-6 and pgd["threat"] == {"norm": "linf", "eps": 0.3}
     assert pgd["attack"]["early_stop"] is True and pgd["attack"]["alpha"] == 0.1
     assert pgd["acc"] <= rec["metrics"]["clean"]["acc"]
@@ -118,7 +118,7 @@ def test_evaluation_record_is_guarded_and_complete(trained, checkpoint):
     assert len(aa["indices"]) == 30 and aa["indices"] == sorted(aa["indices"])
     # The same examples under PGD: a correct AutoAttack is at least as strong as PGD.
     assert aa["acc"] <= aa["pgd_same_subset"]["acc"] + 1e-12
-    assert aa["pgd_same_subset"]["label"] == "PGD-20-2"
+    assert aa["pgd_same_subset"]["label"].startswith("PGD-20-2-alpha=")
     assert aa["package"] == "pyautoattack"
     assert rec["num_classes"] == 10
     for m in [*rec["metrics"].values(), aa, aa["pgd_same_subset"]]:
@@ -135,11 +135,11 @@ def test_one_evaluation_sweeps_eps_and_runs_targeted_pgd(trained):
                {"name": "fgsm", "norm": "l2", "eps": 1.5}]
     rec = evaluate(trained, evaluation_identity(attacks=attacks, autoattack=None))
     m = rec["metrics"]
-    assert list(m) == ["clean", "PGD-5-1", "PGD-5-1-eps=0.1", "PGD-5-1-targeted=random",
-                       "PGD-5-1-eps=0.2-targeted=least_likely", "FGSM-L2-eps=1.5"]
-    expected = {"PGD-5-1": ("linf", 0.3), "PGD-5-1-eps=0.1": ("linf", 0.1),
-                "PGD-5-1-targeted=random": ("linf", 0.3),
-                "PGD-5-1-eps=0.2-targeted=least_likely": ("linf", 0.2),
+    assert list(m) == ["clean", "PGD-5-1-alpha=0.05", "PGD-5-1-alpha=0.05-eps=0.1", "PGD-5-1-alpha=0.05-targeted=random",
+                       "PGD-5-1-alpha=0.05-eps=0.2-targeted=least_likely", "FGSM-L2-eps=1.5"]
+    expected = {"PGD-5-1-alpha=0.05": ("linf", 0.3), "PGD-5-1-alpha=0.05-eps=0.1": ("linf", 0.1),
+                "PGD-5-1-alpha=0.05-targeted=random": ("linf", 0.3),
+                "PGD-5-1-alpha=0.05-eps=0.2-targeted=least_likely": ("linf", 0.2),
                 "FGSM-L2-eps=1.5": ("l2", 1.5)}
     for label, (norm, eps) in expected.items():
         assert m[label]["threat"] == {"norm": norm, "eps": eps}, label
@@ -147,8 +147,8 @@ def test_one_evaluation_sweeps_eps_and_runs_targeted_pgd(trained):
         assert m[label]["acc"] <= m["clean"]["acc"], label
         assert_per_class_consistent(m[label], 10)
     # A smaller ball cannot be a stronger attack here by much; the 0.1 column is its own number.
-    assert m["PGD-5-1-eps=0.1"]["max_distance"] <= 0.1 + 1e-6 < m["PGD-5-1"]["max_distance"]
-    assert m["PGD-5-1-targeted=random"]["attack"]["targeted"] == "random"
+    assert m["PGD-5-1-alpha=0.05-eps=0.1"]["max_distance"] <= 0.1 + 1e-6 < m["PGD-5-1-alpha=0.05"]["max_distance"]
+    assert m["PGD-5-1-alpha=0.05-targeted=random"]["attack"]["targeted"] == "random"
 
 
 def test_bad_attack_specs_fail_before_anything_is_written(trained):
@@ -159,9 +159,10 @@ def test_bad_attack_specs_fail_before_anything_is_written(trained):
                  "bad.json")
     with pytest.raises(AttackSpecError, match=r"evaluation.attacks\[0\].name: unknown attack 'cw'"):
         evaluate(trained, evaluation_identity(attacks=[{"name": "cw"}]), "bad.json")
-    with pytest.raises(AttackSpecError, match="same label 'PGD-5-1'"):
+    with pytest.raises(AttackSpecError, match="same label 'PGD-5-1-alpha=0.1'"):
         evaluate(trained, evaluation_identity(attacks=[{"name": "pgd", "steps": 5, "alpha": 0.1},
-                                                        {"name": "pgd", "steps": 5, "alpha": 0.2}]),
+                                                        {"name": "pgd", "steps": 5, "alpha": 0.1,
+                                                         "restarts": 1}]),
                  "bad.json")
     assert not (out / "bad.json").exists()
 

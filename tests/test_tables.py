@@ -79,7 +79,7 @@ def test_one_column_per_attack_label_and_identities_in_the_csv(tmp_path):
     md = (tmp_path / "t.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| dataset"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    labels = ["FGSM", "PGD-10-1", "PGD-10-1-eps=0.2", "PGD-10-1-targeted=least_likely"]
+    labels = ["FGSM", "PGD-10-1-alpha=0.01", "PGD-10-1-alpha=0.01-eps=0.2", "PGD-10-1-alpha=0.01-targeted=least_likely"]
     assert columns[7:11] == labels
     row_b = next(line for line in md.splitlines() if line.startswith("| mnist5k") and "| b |" in line)
     assert [c.strip() for c in row_b.strip("|").split("|")][7] == "n/a"   # b ran no FGSM
@@ -87,8 +87,8 @@ def test_one_column_per_attack_label_and_identities_in_the_csv(tmp_path):
     assert "config_hash" not in csv.columns
     row = csv[csv["recipe"] == "a"].iloc[0]
     assert row["train_hash"] == cell_a["train_hash"][:12] and row["eval_hash"] == ev_a["eval_hash"][:12]
-    assert row["PGD-10-1_acc"] == 0.45 and row["PGD-10-1-eps=0.2_acc"] == 0.6
-    assert pd.isna(row["PGD-10-1-targeted=least_likely_acc"])
+    assert row["PGD-10-1-alpha=0.01_acc"] == 0.45 and row["PGD-10-1-alpha=0.01-eps=0.2_acc"] == 0.6
+    assert pd.isna(row["PGD-10-1-alpha=0.01-targeted=least_likely_acc"])
     assert list(frame["recipe"]) == ["a", "b"]
 
 
