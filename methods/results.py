@@ -28,7 +28,9 @@ TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "nvidia-ml-
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``."""
+    """The package's one atomic writer: call ``write(tmp)`` on a temporary path beside ``path``
+    (mode 0644), flush it to disk (``fsync``), then rename it to ``path``.  Readers see either
+    the old file or the complete new one; on any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,6 +38,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o644)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +48,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path: Path, content: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(content))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,28 +1,24 @@
 """Seeded, class-stratified subsets: the evaluation subsets (AutoAttack) and the monitor batch."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .data.splits import proportional_counts, stratified_take
 from .runtime import cpu_generator
 
 
 def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """A seeded, class-stratified draw of ``n`` indices into ``y`` (sorted).
+    """A seeded, class-stratified draw of ``n`` indices into ``y`` (sorted, int64).
 
     Each class gets floor(n * share) examples; the remainder goes to the classes with the
-    largest fractional parts (ties by class index).  ``n >= len(y)`` returns everything.
+    largest fractional parts (ties by class index) -- :func:`methods.data.splits.proportional_counts`.
+    The members of each class are drawn by :func:`methods.data.splits.stratified_take` with a
+    torch generator seeded by ``seed``.  ``n >= len(y)`` returns everything.
     """
     if n >= len(y):
         return torch.arange(len(y))
-    g = cpu_generator(seed)
-    classes, counts = torch.unique(y, return_counts=True)
-    exact = counts.double() * n / len(y)
-    take = exact.floor().long()
-    remainder = n - int(take.sum())
-    order = torch.argsort(-(exact - take.double()), stable=True)
-    take[order[:remainder]] += 1
-    chosen = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        idx = torch.nonzero(y == c).flatten()
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.sort(torch.cat(chosen)).values
+    labels = y.detach().cpu().numpy()
+    per_class = proportional_counts(np.bincount(labels), n)
+    chosen, _ = stratified_take(labels, per_class, cpu_generator(seed))
+    return torch.from_numpy(chosen)

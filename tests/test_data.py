@@ -351,3 +351,74 @@ def test_augment_flip_fraction_offsets_and_determinism():
 def test_augment_rejects_unknown_kind():
     with pytest.raises(ValueError, match="'cutout'"):
         D.augment_batch(torch.rand(2, 3, 8, 8), "cutout", torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------- one stratified sampler
+def _digest(a) -> str:
+    import hashlib
+    return hashlib.sha256(np.asarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# Indices drawn by the two samplers before they were merged into splits.stratified_take (NumPy
+# generator: prepared splits; torch generator: evaluation subsets and the monitor batch).  The
+# merged sampler must give exactly these, or every prepared split / published subset changes.
+Y_BALANCED = torch.arange(50) % 5
+Y_GAPPED = torch.tensor([0] * 7 + [1] * 3 + [2] * 11 + [4] * 5)     # class 3 absent
+Y_SPARSE = torch.tensor([2, 2, 2, 7, 7, 0, 0, 0, 0, 1])              # classes 3..6 absent
+
+
+@pytest.mark.parametrize("y, n, seed, expected", [
+    (Y_BALANCED, 12, 0, [2, 5, 14, 16, 20, 21, 22, 35, 38, 46, 48, 49]),
+    (Y_BALANCED, 12, 3, [0, 2, 15, 19, 23, 26, 28, 30, 41, 44, 46, 47]),
+    (Y_GAPPED, 9, 1, [0, 6, 9, 10, 12, 13, 14, 22, 23]),
+    (Y_GAPPED, 26, 0, list(range(26))),
+    (Y_SPARSE, 4, 5, [0, 3, 6, 8]),
+    (Y_GAPPED, 5, 7, [5, 9, 12, 14, 24]),
+])
+def test_stratified_subset_is_unchanged_by_the_merge(y, n, seed, expected):
+    from methods.subsets import stratified_subset
+    got = stratified_subset(y, n, seed)
+    assert got.dtype == torch.int64 and got.tolist() == expected
+
+
+LAB_CYCLIC = (np.arange(60) * 7) % 6
+LAB_BLOCKS = np.array([0] * 10 + [1] * 4 + [3] * 8 + [2] * 9)
+
+
+@pytest.mark.parametrize("labels, per_class, seed, stream, expected", [
+    (LAB_CYCLIC, [2, 3, 0, 1, 4, 2], 0, 1, [3, 6, 7, 16, 17, 19, 22, 34, 35, 40, 43, 54]),
+    (LAB_CYCLIC, [3, 2, 2, 2, 2, 2], 5, 4, [9, 11, 14, 18, 25, 28, 29, 33, 37, 40, 48, 54, 56]),
+    (LAB_BLOCKS, [3, 1, 2, 0], 2, 2, [3, 4, 9, 12, 27, 30]),
+    (LAB_BLOCKS, [10, 4, 9, 8], 1, 1, list(range(31))),
+])
+def test_stratified_take_with_numpy_generator_is_unchanged_by_the_merge(labels, per_class, seed,
+                                                                         stream, expected):
+    from methods.data.splits import proportional_counts, stratified_take
+    if seed == 5:   # the per-class sizes came from proportional_counts
+        assert proportional_counts(np.bincount(labels), 13).tolist() == per_class
+    chosen, rest = stratified_take(labels, np.array(per_class), rng_for(seed, stream))
+    assert chosen.tolist() == expected
+    assert sorted(chosen.tolist() + rest.tolist()) == list(range(len(labels)))
+
+
+def test_stratified_draws_on_realistic_labels_are_unchanged_by_the_merge():
+    from methods.data.splits import proportional_counts, stratified_take
+    from methods.subsets import stratified_subset
+    y = torch.from_numpy(np.random.default_rng(123).integers(0, 10, 1000))
+    assert _digest(stratified_subset(y, 100, 0)) == "9d0f957dc18c81f1"
+    assert _digest(stratified_subset(y, 256, 3)) == "e49f3d3e1ed5927a"
+    labels = y.numpy()
+    chosen, rest = stratified_take(labels, proportional_counts(np.bincount(labels, minlength=10), 150),
+                                   rng_for(0, 1))
+    assert (_digest(chosen), _digest(rest)) == ("722aa19fff680fba", "1022a30a8455de77")
+
+
+def test_mnist5k_splits_and_default_run_subsets_are_unchanged_by_the_merge(mnist5k):
+    from methods.subsets import stratified_subset
+    _, bundle, _ = mnist5k
+    assert (_digest(bundle.train.indices), _digest(bundle.val.indices), _digest(bundle.test.indices)) \
+        == ("69cc74d5343314a8", "30da5d17182d5069", "88b9320b6956036d")
+    aa = stratified_subset(bundle.test.y, 100, 0)          # the default run's AutoAttack subset
+    assert _digest(aa) == "149a420cbf5e4c1b"
+    assert aa[:12].tolist() == [19, 37, 44, 53, 69, 71, 90, 91, 93, 95, 112, 115]
+    assert _digest(stratified_subset(bundle.val.y, 256, 0)) == "01cd486cdb28a59a"   # monitor batch

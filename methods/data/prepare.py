@@ -9,8 +9,9 @@ writes into ``out_dir``:
 * ``manifest.json`` -- provenance and statistics (see :func:`prepare_dataset`), written last, so
   its presence marks a finished preparation.
 
-Both are written atomically (temp file in ``out_dir``, then ``os.replace``).  Re-running with the
-same inputs leaves byte-identical files untouched.  ``load_dataset`` never re-draws anything: it
+Both are written atomically (:func:`methods.results.atomic_write_bytes`: temp file in
+``out_dir``, fsync, then ``os.replace``).  Re-running with the same inputs leaves byte-identical
+files untouched.  ``load_dataset`` never re-draws anything: it
 reads the indices and labels back, re-verifies the source files against the digests recorded in the
 manifest, and refuses a ``prepared_dir`` made for a different spec.
 
@@ -38,7 +39,8 @@ import torch
 import torchvision
 
 from ..registry import DATASETS
-from .sources import DatasetChecksumError, Source, SourceData, _atomic_write
+from ..results import atomic_write_bytes
+from .sources import DatasetChecksumError, Source, SourceData
 from .spec import DatasetSpec, parse_spec
 from .splits import (STREAM_HOLDOUT, STREAM_LONG_TAIL, STREAM_NOISE, DatasetBundle, Split,
                      proportional_counts, rng_for, stratified_take)
@@ -159,8 +161,8 @@ def prepare_dataset(name: str, spec: Mapping[str, Any], data_dir: Path, out_dir:
                 return manifest
         except json.JSONDecodeError:
             pass
-    _atomic_write(spath, blob)
-    _atomic_write(mpath, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+    atomic_write_bytes(spath, blob)
+    atomic_write_bytes(mpath, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
     return manifest
 
 

@@ -32,9 +32,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
-import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
@@ -45,6 +43,7 @@ import torchvision
 from torchvision import datasets as tvd
 
 from ..registry import DATASETS
+from ..results import atomic_write_bytes
 from .splits import STREAM_FIXED_TEST, Split, rng_for, stratified_take, take
 
 
@@ -316,7 +315,7 @@ class MnistSource(Source):
                 with gzip.open(gz, "rb") as f:
                     content = f.read()
                 if not raw.is_file():
-                    _atomic_write(raw, content)
+                    atomic_write_bytes(raw, content)
                 elif _sha256(raw) != _sha256_bytes(content):
                     raise DatasetChecksumError(
                         f"dataset source 'mnist': {raw} differs from the decompressed verified archive {gz}; "
@@ -336,21 +335,6 @@ class MnistSource(Source):
             pools.append(_pool(ds.data.unsqueeze(1), ds.targets))
             _check_labels(self.name, pools[-1], self.num_classes)
         return pools[0], pools[1], {"reader": "torchvision.datasets.MNIST"}
-
-
-def _atomic_write(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 MNIST5K_TEST_PER_CLASS = 100

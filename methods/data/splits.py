@@ -95,13 +95,22 @@ def proportional_counts(class_counts: np.ndarray, total: int) -> np.ndarray:
     return base
 
 
-def stratified_take(labels: np.ndarray, per_class: np.ndarray, rng: np.random.Generator
-                    ) -> Tuple[np.ndarray, np.ndarray]:
+def stratified_take(labels: np.ndarray, per_class: np.ndarray,
+                    rng: np.random.Generator | torch.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Choose ``per_class[c]`` positions of class ``c`` uniformly at random, for every class.
 
-    Returns ``(chosen, rest)``, both sorted ascending, as positions into ``labels``.  Classes are
-    visited in index order and each draws one permutation from ``rng``, so the result is a pure
-    function of the generator state.
+    The suite's one stratified sampler: the prepared splits (validation hold-out, long-tail
+    subsample, mnist5k's fixed test split) and, through :func:`methods.subsets.stratified_subset`,
+    the evaluation subsets and the monitor batch.  Returns ``(chosen, rest)``, both sorted
+    ascending, as int64 positions into ``labels``.  Classes are visited in index order and each
+    draws one permutation of its members from ``rng``, so the result is a pure function of the
+    generator state.  ``rng`` is the permutation source, and both kinds are kept because every
+    prepared split and evaluation subset on disk was drawn with one of them:
+
+    * a NumPy ``Generator``: ``rng.permutation(members)`` (the prepared splits, seeded by
+      :func:`rng_for`);
+    * a torch ``Generator``: ``members[torch.randperm(len(members), generator=rng)]`` (the
+      evaluation subsets and the monitor batch, seeded by ``methods.runtime.cpu_generator``).
     """
     labels = np.asarray(labels)
     chosen = []
@@ -109,7 +118,11 @@ def stratified_take(labels: np.ndarray, per_class: np.ndarray, rng: np.random.Ge
         members = np.flatnonzero(labels == c)
         if k > len(members):
             raise ValueError(f"class {c} has {len(members)} examples, {int(k)} requested")
-        chosen.append(rng.permutation(members)[:k])
+        if isinstance(rng, torch.Generator):
+            order = members[torch.randperm(len(members), generator=rng).numpy()]
+        else:
+            order = rng.permutation(members)
+        chosen.append(order[:k])
     picked = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(labels), dtype=bool)
     mask[picked] = False
