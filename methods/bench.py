@@ -184,8 +184,10 @@ def step_passes(by_rows: RowCounts) -> Dict[str, Dict[str, float]]:
 
 
 def rows_run(by_rows: RowCounts) -> Set[int]:
-    """Every row count a forward call of any phase ran at."""
-    return {int(n) for by_n in by_rows.values() for n, c in by_n.items() if c["forward"] > 0}
+    """Every row count any phase's passes ran at (the forward calls', and the backwards through
+    them)."""
+    return {int(n) for by_n in by_rows.values() for n, c in by_n.items()
+            if c["forward"] or c["backward"]}
 
 
 def predicted_step_time(by_rows: RowCounts, t_fb: Dict[int, float],
@@ -279,6 +281,8 @@ class FixedBatches:
             self.parts.model(x)
 
     def measure_units(self, rows: Iterable[int]) -> None:
+        """Time one ``T_fb(n)`` and one ``T_f(n)`` for every ``n`` in ``rows`` (booked to
+        ``bench_unit``); gradients are cleared before each and after the last."""
         model, counter = self.parts.model, self.parts.counter
         with counter.phase(UNIT_PHASE):
             for n in sorted(rows):

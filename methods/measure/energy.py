@@ -8,7 +8,8 @@ window's GPU values.  Backends are looked up by name in :data:`BACKENDS`:
             (``nvmlDeviceGetTotalEnergyConsumption``, mJ since driver load, Volta and newer) is
             used; where it raises (``NVMLError_NotSupported`` on Pascal and older) the device falls
             back to ``nvmlDeviceGetPowerUsage`` (mW), sampled every ``sample_interval_s`` on a
-            background thread and at every window edge, integrated with the trapezoid rule.
+            background thread (:class:`~methods.measure.sampler.BackgroundSampler`) and at every
+            window edge, integrated with the trapezoid rule.
 ``fake``    the same code driven by a scripted pynvml-like object passed as ``nvml=`` (tests).
 ``replay``  the same windows computed from a recorded CSV (format below).
 ``null``    no GPU: every GPU value is ``None`` with the reason.

@@ -6,8 +6,9 @@ and ``psys`` are left out so nothing is counted twice; DRAM energy is therefore 
 
 ``energy_uj`` is a microjoule counter that wraps at ``max_energy_range_uj`` (about 262 kJ, some
 40 minutes at 100 W), so :meth:`RaplReader.read_j` accumulates deltas, adding the range when a
-reading is below the previous one, and :meth:`RaplReader.start` polls on a background thread often
-enough that no counter wraps twice between two reads.  Since Linux 5.10 ``energy_uj`` is readable
+reading is below the previous one, and :meth:`RaplReader.start` polls on a background thread
+(:class:`~methods.measure.sampler.BackgroundSampler`) often enough that no counter wraps twice
+between two reads.  Since Linux 5.10 ``energy_uj`` is readable
 by root only on most distributions; an unreadable counter gives ``None`` and the reason.
 """
 from __future__ import annotations
