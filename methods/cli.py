@@ -2,8 +2,10 @@
 
 ``train`` takes the training identity as JSON (``methods.config.resolve_cell``), ``evaluate``
 the evaluation identity (``methods.config.resolve_evaluation``), ``aggregate`` the recipes'
-annotations, plus paths, so a rule's inputs, outputs and parameters say everything the
-command computes from.  ``--device``, ``--threads`` and ``--meter`` say only where it runs.
+annotations, ``masking-report`` and ``eps-curves`` only evaluation files, plus paths, so a
+rule's inputs, outputs and parameters say everything the command computes from.  ``eps-grid``
+prints attack specs over an eps grid for a config's ``evaluation.attacks``.  ``--device``,
+``--threads`` and ``--meter`` say only where it runs.
 """
 from __future__ import annotations
 
@@ -53,6 +55,32 @@ def _cmd_aggregate(args) -> None:
     aggregate([Path(p) for p in args.evals], Path(args.markdown), Path(args.csv),
               published=[Path(p) for p in args.published],
               annotations=json.loads(args.annotations))
+
+
+def _cmd_masking_report(args) -> None:
+    from .masking_report import masking_report
+
+    rows = masking_report([Path(p) for p in args.evals], Path(args.markdown), Path(args.csv))
+    verdicts = [r["verdict"] for r in rows]
+    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+    print(f"masking report: {len(rows)} rows {counts}")
+
+
+def _cmd_eps_curves(args) -> None:
+    from .eps_curves import plot_eps_curves
+
+    shown = plot_eps_curves([Path(p) for p in args.evals], Path(args.png),
+                            Path(args.pdf) if args.pdf else None,
+                            Path(args.csv) if args.csv else None)
+    print(f"eps curves: {shown['curves']} curves in {len(shown['panels'])} panels "
+          f"({', '.join(shown['panels']) or 'no eps sweep'})")
+
+
+def _cmd_eps_grid(args) -> None:
+    from .eps_curves import eps_grid, grid_yaml
+
+    attack = json.loads(args.attack)
+    print(grid_yaml(eps_grid(attack, args.eps_max, args.points, args.skip), args.indent), end="")
 
 
 def _cmd_bench(args) -> None:
@@ -107,6 +135,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--annotations", default="{}",
                    help="JSON {recipe: {paper, notes, published}} (methods.config.recipe_annotations)")
     p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("masking-report", help="gradient-masking report (Markdown + CSV) from "
+                                              "evaluation result files")
+    p.add_argument("--evals", nargs="*", default=[])
+    p.add_argument("--markdown", required=True)
+    p.add_argument("--csv", required=True)
+    p.set_defaults(func=_cmd_masking_report)
+
+    p = sub.add_parser("eps-curves", help="accuracy-over-eps curves (PNG, PDF, points CSV) "
+                                          "from evaluation result files")
+    p.add_argument("--evals", nargs="*", default=[])
+    p.add_argument("--png", required=True)
+    p.add_argument("--pdf", default=None)
+    p.add_argument("--csv", default=None, help="the plotted points")
+    p.set_defaults(func=_cmd_eps_curves)
+
+    p = sub.add_parser("eps-grid", help="print an eps grid of attack specs as YAML list items "
+                                        "for evaluation.attacks")
+    p.add_argument("--eps-max", required=True, help="e.g. 8/255 or 0.3")
+    p.add_argument("--points", type=int, default=9, help="grid points including eps 0 (clean)")
+    p.add_argument("--attack", default='{"name": "fgsm"}', help="the spec without eps, as JSON")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="eps values to leave out (the evaluation's own eps)")
+    p.add_argument("--indent", type=int, default=4)
+    p.set_defaults(func=_cmd_eps_grid)
 
     p = sub.add_parser("bench", help="microbenchmark every registered method's training step")
     p.add_argument("--config", required=True)

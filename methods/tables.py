@@ -3,8 +3,14 @@
 ``aggregate`` reads evaluation JSONs (and the ``train.json`` beside each), writes one CSV row
 per (cell, checkpoint) with numbers as numbers, and a Markdown table with accuracies in percent
 and their 95% intervals: one column per attack label present in the files (two PGD specs that
-differ only in eps are two columns).  Each CSV row names its training and evaluation identity
-(``train_hash``, ``eval_hash``: first 12 hex digits).
+differ only in eps are two columns; any metric key, e.g. an evaluation-time defence's
+``"MI-OL | PGD-10-1-alpha=2/255 | oblivious"``, is a column too).  Columns of an eps sweep (a
+curve of :data:`TABLE_SWEEP_MIN_EPS` or more eps, :mod:`methods.eps_curves`) other than the
+evaluation's own eps stay in the CSV and the eps-curve plot and are left out of the Markdown,
+which says how many.  The last column is the gradient-masking verdict of the undefended model
+(:func:`methods.masking_report.verdict`; ``masking_verdict`` in the CSV); the full report is
+its own file.  Each CSV row names its training and evaluation identity (``train_hash``,
+``eval_hash``: first 12 hex digits).
 
 Recipe *annotations* (``paper``, ``notes`` and the ``published.rows`` a recipe reproduces;
 :func:`methods.config.recipe_annotations`) come from the workflow config, not from any result
@@ -12,8 +18,9 @@ file, because they are part of no identity.  Where a recipe names published rows
 matched against the published CSVs (``paper_tables/published/*.csv``) by dataset and eps
 (:func:`published_for`) and set beside the reproduced numbers.
 
-This module and :mod:`methods.cost_plot` import neither torch nor the trainer nor the
-evaluation (attack labels come from :mod:`methods.attack_specs`).
+This module, :mod:`methods.cost_plot`, :mod:`methods.eps_curves` and
+:mod:`methods.masking_report` import neither torch nor the trainer nor the evaluation (attack
+labels come from :mod:`methods.attack_specs`).
 """
 from __future__ import annotations
 
@@ -25,15 +32,23 @@ import pandas as pd
 
 from .attack_specs import attack_label
 from .config import ConfigError, number
+from .eps_curves import curves
+from .masking_report import MASKING_GAP_POINTS
+from .masking_report import verdict as masking_verdict
 from .results import atomic_write_text, read_result
 
 HASH_CHARS = 12
+#: An FGSM/PGD curve with at least this many distinct attack eps is an eps sweep: its columns
+#: other than the evaluation's own eps stay in the CSV and the eps-curve plot, not the Markdown.
+TABLE_SWEEP_MIN_EPS = 3
 
 
 def _pct(m: Optional[Dict[str, Any]]) -> str:
     if not m or m.get("acc") is None:
         return "n/a"
-    lo, hi = m["ci95"]
+    lo, hi = m.get("ci95") or (None, None)
+    if lo is None or hi is None:
+        return f"{100 * m['acc']:.1f}"
     return f"{100 * m['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
@@ -78,40 +93,48 @@ def published_for(cell: Dict[str, Any], annotation: Optional[Mapping[str, Any]],
     return out
 
 
+def row_from_record(ev: Mapping[str, Any], tr: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """One table row from an evaluation record and the ``train.json`` beside it (or none)."""
+    tr = tr or {}
+    cell = ev["cell"]
+    row: Dict[str, Any] = {
+        "dataset": cell["dataset"]["name"], "arch": cell["arch"]["name"],
+        "method": cell["method"], "recipe": cell["recipe"], "seed": cell["seed"],
+        "checkpoint": ev["checkpoint"]["name"], "epoch": ev["checkpoint"]["epoch"],
+        "eps": ev["threat"]["eps"], "norm": ev["threat"]["norm"], "n_test": ev.get("test_examples"),
+    }
+    for label, m in ev["metrics"].items():
+        row[f"{label}_acc"] = m.get("acc")
+        row[f"{label}_ci_low"], row[f"{label}_ci_high"] = m.get("ci95") or (None, None)
+    aa = ev.get("autoattack")
+    if aa:
+        row.update({"AutoAttack_acc": aa["acc"], "AutoAttack_ci_low": aa["ci95"][0],
+                    "AutoAttack_ci_high": aa["ci95"][1], "AutoAttack_n": aa["n"],
+                    "AutoAttack_version": aa["version"]})
+        if aa.get("pgd_same_subset"):
+            row["PGD_on_AA_subset_acc"] = aa["pgd_same_subset"]["acc"]
+    row["masking_verdict"] = masking_verdict(ev)
+    if tr:
+        row["co_detected"] = tr["catastrophic_overfitting"]["detected"]
+        row["train_fwd_per_example"] = tr["passes"]["per_example"]["forward"]
+        row["train_bwd_per_example"] = tr["passes"]["per_example"]["backward"]
+        row["train_wall_s"] = tr["provenance"]["wall_s"]
+    row["train_hash"] = cell["train_hash"][:HASH_CHARS]
+    row["eval_hash"] = ev["evaluation"]["eval_hash"][:HASH_CHARS]
+    row["_metrics"] = ev["metrics"]
+    row["_aa"] = aa
+    row["_cell"] = cell
+    row["_record"] = ev
+    return row
+
+
 def rows_from_results(eval_paths: List[Path]) -> List[Dict[str, Any]]:
     rows = []
     for path in eval_paths:
         ev = read_result(path, "eval_result.schema.json")
         train_path = Path(path).parent / "train.json"
         tr = json.loads(train_path.read_text()) if train_path.exists() else {}
-        cell = ev["cell"]
-        row: Dict[str, Any] = {
-            "dataset": cell["dataset"]["name"], "arch": cell["arch"]["name"],
-            "method": cell["method"], "recipe": cell["recipe"], "seed": cell["seed"],
-            "checkpoint": ev["checkpoint"]["name"], "epoch": ev["checkpoint"]["epoch"],
-            "eps": ev["threat"]["eps"], "norm": ev["threat"]["norm"], "n_test": ev["test_examples"],
-        }
-        for label, m in ev["metrics"].items():
-            row[f"{label}_acc"] = m["acc"]
-            row[f"{label}_ci_low"], row[f"{label}_ci_high"] = m["ci95"]
-        aa = ev.get("autoattack")
-        if aa:
-            row.update({"AutoAttack_acc": aa["acc"], "AutoAttack_ci_low": aa["ci95"][0],
-                        "AutoAttack_ci_high": aa["ci95"][1], "AutoAttack_n": aa["n"],
-                        "AutoAttack_version": aa["version"]})
-            if aa.get("pgd_same_subset"):
-                row["PGD_on_AA_subset_acc"] = aa["pgd_same_subset"]["acc"]
-        if tr:
-            row["co_detected"] = tr["catastrophic_overfitting"]["detected"]
-            row["train_fwd_per_example"] = tr["passes"]["per_example"]["forward"]
-            row["train_bwd_per_example"] = tr["passes"]["per_example"]["backward"]
-            row["train_wall_s"] = tr["provenance"]["wall_s"]
-        row["train_hash"] = cell["train_hash"][:HASH_CHARS]
-        row["eval_hash"] = ev["evaluation"]["eval_hash"][:HASH_CHARS]
-        row["_metrics"] = ev["metrics"]
-        row["_aa"] = aa
-        row["_cell"] = cell
-        rows.append(row)
+        rows.append(row_from_record(ev, tr))
     return rows
 
 
@@ -143,17 +166,45 @@ def attack_columns(rows: List[Dict[str, Any]]) -> List[str]:
     return labels
 
 
+def sweep_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    """Labels of eps-sweep points (:data:`TABLE_SWEEP_MIN_EPS`) at an eps other than their
+    evaluation's own, in any row (:func:`methods.eps_curves.curves`)."""
+    hidden: List[str] = []
+    for r in rows:
+        ev = r.get("_record")
+        if not ev:
+            continue
+        own = float(ev["threat"]["eps"])
+        for points in curves(ev).values():
+            attacked = [p for p in points if p.eps > 0]
+            if len({p.eps for p in attacked}) < TABLE_SWEEP_MIN_EPS:
+                continue
+            for p in attacked:
+                if abs(p.eps - own) > 1e-9 * max(1.0, own):
+                    hidden += [l for l in p.labels.split("; ") if l not in hidden]
+    return hidden
+
+
 def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
                     annotations: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
     annotations = annotations or {}
-    attack_labels = attack_columns(rows)
+    swept = sweep_columns(rows)
+    attack_labels = [l for l in attack_columns(rows) if l not in swept]
     head = (["dataset", "arch", "method", "recipe", "seed", "ckpt", "clean"] + attack_labels
-            + ["AutoAttack (n)", "PGD on the AA subset", "fwd+bwd / example", "train s", "CO"])
-    lines = ["Accuracy in % with exact 95% binomial intervals; AutoAttack on a seeded "
-             "class-stratified test subset of n examples (indices in each eval JSON), with "
-             "PGD on the very same examples beside it.  fwd+bwd / example: forward and "
-             "backward sample-passes per training example, counted.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["AutoAttack (n)", "PGD on the AA subset", "fwd+bwd / example", "train s", "CO",
+               "masking"])
+    caption = ("Accuracy in % with exact 95% binomial intervals; AutoAttack on a seeded "
+               "class-stratified test subset of n examples (indices in each eval JSON), with "
+               "PGD on the very same examples beside it.  fwd+bwd / example: forward and "
+               "backward sample-passes per training example, counted.  masking: the "
+               "gradient-masking report's verdict for the undefended model (masking = FGSM "
+               f"minus AutoAttack or FGSM minus PGD above {MASKING_GAP_POINTS:g} points with "
+               "non-overlapping 95% intervals; suspect = a weaker sign; the report lists them).")
+    if swept:
+        caption += (f"  {len(swept)} further columns of eps sweeps (FGSM/PGD at other eps) "
+                    "are in the CSV and the eps-curve plot.")
+    lines = [caption, "", "| " + " | ".join(_cell_text(h) for h in head) + " |",
+             "|" + "---|" * len(head)]
     key = lambda r: (r["dataset"], r["arch"], r["method"], r["recipe"], r["seed"], r["checkpoint"])
     for r in sorted(rows, key=key):
         aa = r["_aa"]
@@ -165,7 +216,9 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
         cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run",
                   f"{_pct(same)} {same.get('label') or attack_label(same['attack'])}" if same else "n/a", passes,
                   f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "n/a",
-                  "yes" if r.get("co_detected") else "no"]
+                  "yes" if r.get("co_detected") else "no",
+                  f"**{r['masking_verdict']}**" if r["masking_verdict"] == "masking"
+                  else r["masking_verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     published_lines = []
     for r in sorted(rows, key=key):

@@ -135,3 +135,51 @@ def test_cost_plot_published_points_follow_the_annotations(tmp_path):
     assert shown == [{"paper": "P", "dataset": "MNIST", "method": "N-FGSM", "seconds": 120.0,
                       "robust_acc": pytest.approx(0.885), "attack": "PGD-50", "recipe": "a"}]
     assert published_points(points, [str(csv)]) == []
+
+
+# ----------------------------------------------------------------------------- masking, sweeps, defences
+def _columns(line):
+    """Markdown cells of one row, splitting on unescaped pipes only."""
+    import re
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_masking_verdict_column_and_sweep_columns_kept_out_of_the_markdown(tmp_path):
+    from methods.masking_report import MASKING_GAP_POINTS
+    from tests.test_masking_report import healthy, save, seed_batchout
+
+    paths = [save(tmp_path, seed_batchout()), save(tmp_path, healthy())]
+    aggregate(paths, tmp_path / "t.md", tmp_path / "t.csv")
+    md = (tmp_path / "t.md").read_text()
+    lines = md.splitlines()
+    header = _columns(next(l for l in lines if l.startswith("| dataset")))
+    assert header[-1] == "masking" and f"above {MASKING_GAP_POINTS:g} points" in md
+    # FGSM at 1/255 ... 7/255 (an eps sweep) stays out; FGSM and PGD at the evaluation's eps stay in.
+    assert header[7:9] == ["FGSM", "PGD-10-1-alpha=2/255"] and not any("eps=" in h for h in header)
+    assert "7 further columns of eps sweeps" in md
+    rows = {c[3]: c for c in (_columns(l) for l in lines if l.startswith("| cifar10"))}
+    assert rows["batchout_alt_3"][-1] == "**masking**" and rows["pgd_at"][-1] == "no sign"
+    assert all(len(r) == len(header) for r in rows.values())
+    csv = pd.read_csv(tmp_path / "t.csv").set_index("recipe")
+    assert csv.loc["batchout_alt_3", "masking_verdict"] == "masking"
+    assert csv.loc["batchout_alt_3", "FGSM-eps=3/255_acc"] == pytest.approx(0.649)
+
+
+def test_defence_metric_keys_render_as_columns():
+    """Keys such as "MI-OL | PGD-10-1-alpha=2/255 | oblivious" (pipes escaped in Markdown) and a
+    defence's clean accuracy without an attack do not break the table."""
+    from methods.tables import render_markdown, row_from_record
+    from tests.test_masking_report import C10, PGD10, metric, record
+
+    defense = {"label": "MI-OL", "randomized": True}
+    label, m = metric(PGD10, 450, 1000, C10)
+    extra = {"MI-OL | clean": {"acc": 0.84, "correct": 840, "n": 1000, "defense": defense},
+             f"MI-OL | {label} | oblivious": {**m, "defense": defense}}
+    row = row_from_record(record("mixup", 900, [(PGD10, 30)], extra_metrics=extra))
+    md = render_markdown([row], pd.DataFrame())
+    header = _columns(next(l for l in md.splitlines() if l.startswith("| dataset")))
+    assert header[7:10] == ["PGD-10-1-alpha=2/255", "MI-OL \\| clean",
+                            "MI-OL \\| PGD-10-1-alpha=2/255 \\| oblivious"]
+    cells = _columns(next(l for l in md.splitlines() if l.startswith("| cifar10")))
+    assert len(cells) == len(header) and cells[8] == "84.0" and cells[9].startswith("45.0 [")
+    assert row["MI-OL | clean_acc"] == 0.84 and row["masking_verdict"] == "n/a"
