@@ -85,3 +85,8 @@ rule all:
     input:
         f"{RESULTS}/tables/{config['run_name']}.md",
         f"{RESULTS}/tables/{config['run_name']}.csv",
+        f"{RESULTS}/tables/masking/{config['run_name']}.md",
+        f"{RESULTS}/tables/masking/{config['run_name']}.csv",
+        f"{RESULTS}/plots/eps_curves/{config['run_name']}.png",
+        f"{RESULTS}/plots/eps_curves/{config['run_name']}.pdf",
+        f"{RESULTS}/plots/eps_curves/{config['run_name']}.csv",
