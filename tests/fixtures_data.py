@@ -111,3 +111,82 @@ def write_mnist(root: Path, n_train: int = 30, n_test: int = 20, gz: bool = True
                 table[f"MNIST/raw/{name}.gz"] = md5(raw / f"{name}.gz")
         out[f"x_{split}"], out[f"y_{split}"] = x, y
     return table, out
+
+
+# ------------------------------------------------------------------ subpopulation-shift datasets
+def _rgb_image(w: int, h: int, colour: Tuple[int, int, int], band: int = 0):
+    """A ``w x h`` RGB PIL image of one colour; with ``band`` rows of white at the top and bottom."""
+    from PIL import Image
+    a = np.empty((h, w, 3), dtype=np.uint8)
+    a[:] = colour
+    if band:
+        a[:band] = 255
+        a[-band:] = 255
+    return Image.fromarray(a)
+
+
+def row_colour(row: int) -> Tuple[int, int, int]:
+    """The colour the fixtures paint metadata row ``row`` with (rows < 24): red encodes the row."""
+    return (10 * row + 5, 60 + (row % 3) * 40, 200 - 5 * row)
+
+
+WATERBIRDS_ROWS = [  # (y, place, split): train 0, val 1, test 2; every group in every split
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0),
+    (0, 0, 1), (0, 1, 1), (0, 1, 1), (1, 0, 1), (1, 0, 1), (1, 1, 1),
+    (0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2), (0, 0, 2), (1, 1, 2),
+]
+
+
+def write_waterbirds(root: Path, rows=WATERBIRDS_ROWS, size: Tuple[int, int] = (40, 30)) -> Arrays:
+    """``waterbird_complete95_forest2water2/metadata.csv`` with the group DRO header
+    (img_id, img_filename, y, split, place, place_filename) and one JPEG per row in CUB-style class
+    folders, painted :func:`row_colour` (``size`` = (width, height), not square)."""
+    folder = root / "waterbird_complete95_forest2water2"
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for i, (y, place, split) in enumerate(rows):
+        rel = f"{'001.Black_footed_Albatross' if y else '002.Laysan_Albatross'}/bird_{i:04d}.jpg"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        _rgb_image(*size, row_colour(i)).save(folder / rel, quality=95)
+        lines.append(f"{i + 1},{rel},{y},{split},{place},/b/bamboo_forest/00000{i}.jpg")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    r = np.array(rows, dtype=np.int64)
+    return {"y": r[:, 0], "place": r[:, 1], "split": r[:, 2]}
+
+
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+
+CELEBA_ROWS = [  # (blond, male, partition)
+    (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0),
+    (0, 0, 1), (1, 1, 1), (1, 0, 1), (0, 1, 1),
+    (0, 0, 2), (1, 0, 2), (0, 1, 2), (1, 1, 2),
+]
+
+
+def write_celeba(root: Path, rows=CELEBA_ROWS, size: Tuple[int, int] = (18, 22), band: int = 2) -> Arrays:
+    """torchvision's CelebA layout under ``root/celeba``: ``list_attr_celeba.txt`` (count line,
+    the 40 attribute names, then ``<file> <+-1 x 40>`` right-aligned as in the original),
+    ``list_eval_partition.txt`` and ``img_align_celeba/NNNNNN.jpg`` (``size`` = (width, height),
+    portrait like the 178 x 218 originals, with ``band`` white rows at the top and bottom that the
+    centre crop must remove)."""
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    attr_lines = [str(len(rows)), " ".join(CELEBA_ATTRIBUTES) + " "]
+    part_lines = []
+    bi, mi = CELEBA_ATTRIBUTES.index("Blond_Hair"), CELEBA_ATTRIBUTES.index("Male")
+    for i, (blond, male, part) in enumerate(rows):
+        name = f"{i + 1:06d}.jpg"
+        _rgb_image(*size, row_colour(i), band).save(folder / "img_align_celeba" / name, quality=95)
+        values = rng.choice([-1, 1], size=len(CELEBA_ATTRIBUTES))
+        values[bi], values[mi] = (1 if blond else -1), (1 if male else -1)
+        attr_lines.append(name + " " + " ".join(f"{v:2d}" for v in values))
+        part_lines.append(f"{name} {part}")
+    (folder / "list_attr_celeba.txt").write_text("\n".join(attr_lines) + "\n")
+    (folder / "list_eval_partition.txt").write_text("\n".join(part_lines) + "\n")
+    r = np.array(rows, dtype=np.int64)
+    return {"y": r[:, 0], "male": r[:, 1], "split": r[:, 2]}

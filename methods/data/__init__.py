@@ -1,5 +1,7 @@
 """Datasets for advrepro: embedded MNIST-5k, torchvision MNIST / CIFAR-10 / CIFAR-100 / SVHN, and
-their long-tailed and noisy-label variants.
+their long-tailed and noisy-label variants; coloured MNIST(-5k) with a spurious colour-label
+correlation (:mod:`.shift`), and Waterbirds / CelebA for users who have the data
+(:mod:`.group_sources`), all with per-example groups.
 
 Importing this package registers every source in :data:`methods.registry.DATASETS`.
 
@@ -11,9 +13,9 @@ Importing this package registers every source in :data:`methods.registry.DATASET
 * :func:`augment_batch` -- crop / crop+flip / none on a float batch in [0, 1], seeded by a CPU
   generator.
 """
-from . import prepare, sources, spec, splits, transforms, variants  # noqa: F401  (registers the sources)
-from .prepare import (DatasetNotPreparedError, StalePreparationError, load_dataset, prepare_dataset,
-                      read_prepared)
+from . import group_sources, prepare, shift, sources, spec, splits, transforms, variants  # noqa: F401  (registers the sources)
+from .prepare import (DatasetNotPreparedError, StalePreparationError, dataset_image_shape, load_dataset,
+                      prepare_dataset, read_prepared)
 from .sources import DatasetChecksumError, DatasetNotFoundError, SourceData
 from .spec import DatasetSpec, parse_spec
 from .splits import DatasetBundle, Split
@@ -22,6 +24,7 @@ from .variants import corrupt_labels, long_tail_counts
 
 __all__ = [
     "DatasetBundle", "DatasetChecksumError", "DatasetNotFoundError", "DatasetNotPreparedError", "DatasetSpec",
-    "SourceData", "Split", "StalePreparationError", "augment_batch", "corrupt_labels", "load_dataset",
+    "SourceData", "Split", "StalePreparationError", "augment_batch", "corrupt_labels", "dataset_image_shape",
+    "load_dataset",
     "long_tail_counts", "normalization", "parse_spec", "prepare_dataset", "read_prepared",
 ]

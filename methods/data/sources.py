@@ -5,7 +5,10 @@ Each source is a callable object registered in :data:`methods.registry.DATASETS`
     source = DATASETS.get("cifar10")
     data = source(data_dir, download=False)     # -> SourceData (verified, uint8 NCHW, int64 labels)
 
-Sources never choose a validation set; that is :mod:`methods.data.prepare`'s job.
+Sources never choose a validation set; that is :mod:`methods.data.prepare`'s job (a source with
+an official validation split -- Waterbirds, CelebA -- hands it over as ``SourceData.val``).
+Other sources live in :mod:`methods.data.shift` (coloured MNIST) and
+:mod:`methods.data.group_sources` (Waterbirds, CelebA).
 
 On-disk layout under ``data_dir`` (torchvision's own layout, so a torchvision download lands there):
 
@@ -35,7 +38,7 @@ import hashlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,12 +65,14 @@ class SourceData:
     ``train`` / ``test``: :class:`Split` objects whose ``indices`` are positions in the source
     split (sorted ascending).  ``files``: one record per file checked (path relative to the data
     root, digest, whether it was verified against an official checksum and which table).
+    ``val``: the official validation split, for sources that have one (else ``None``).
     """
 
     train: Split
     test: Split
     files: List[Dict[str, Any]]
     info: Dict[str, Any]
+    val: Optional[Split] = None
 
 
 def _md5(path: Path) -> str:
@@ -125,7 +130,18 @@ MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed1796
 
 
 class Source:
-    """A base dataset.  Subclasses set the class facts and implement ``_read``."""
+    """A base dataset.  Subclasses set the class facts and implement ``_read``.
+
+    Capabilities the spec and ``prepare`` read (all off by default):
+
+    * ``official_val``: ``_read`` also returns the official validation split (``SourceData.val``),
+      which is then the val set (``val_size`` is refused);
+    * ``stores_images``: ``prepare`` writes the final images of every split to ``images.pt``
+      (derived images: tinted or resized), and ``load_dataset`` reads them from there;
+    * ``spurious_colour``: the spec must carry a ``spurious`` block (coloured MNIST);
+    * ``resizable``: the spec may set ``image_size`` (default ``default_image_size``), passed to
+      ``_read`` as ``image_size=``.
+    """
 
     name: str = ""
     num_classes: int = 0
@@ -133,15 +149,26 @@ class Source:
     default_augmentation: str = "none"
     default_val_size: int = 1000
     how_to_provide: str = ""
+    official_val: bool = False
+    stores_images: bool = False
+    spurious_colour: bool = False
+    resizable: bool = False
+    default_image_size: int = 0
+    checksums_from: str = ""          # key of OFFICIAL_CHECKSUMS when it is not ``name``
+
+    @property
+    def checksum_table(self) -> str:
+        return self.checksums_from or self.name
 
     def required_files(self) -> List[str]:
         """Paths (relative to ``data_dir``) that must exist."""
-        return sorted(OFFICIAL_CHECKSUMS[self.name])
+        return sorted(OFFICIAL_CHECKSUMS[self.checksum_table])
 
     def missing(self, data_dir: Path) -> List[Path]:
         return [data_dir / rel for rel in self.required_files() if not (data_dir / rel).is_file()]
 
-    def __call__(self, data_dir: Path | str, download: bool = False) -> SourceData:
+    def __call__(self, data_dir: Path | str, download: bool = False, **options: Any) -> SourceData:
+        """Verified pools; ``options`` (``image_size`` for resizing sources) go to ``_read``."""
         data_dir = Path(data_dir)
         if self.missing(data_dir) and download:
             self._download_failfast(data_dir)
@@ -152,12 +179,13 @@ class Source:
                 f"dataset source {self.name!r}: missing file(s) (data_dir is {data_dir}):\n  {listing}\n"
                 f"To provide them: {self.how_to_provide.format(root=data_dir)}")
         files = self._verify(data_dir)
-        train, test, info = self._read(data_dir)
-        return SourceData(train=train, test=test, files=files, info=info)
+        read = self._read(data_dir, **options)     # (train, test, info), plus val if official_val
+        return SourceData(train=read[0], test=read[1], files=files, info=read[2],
+                          val=read[3] if self.official_val else None)
 
     def _verify(self, data_dir: Path) -> List[Dict[str, Any]]:
         records = []
-        for rel, expected in sorted(OFFICIAL_CHECKSUMS[self.name].items()):
+        for rel, expected in sorted(OFFICIAL_CHECKSUMS[self.checksum_table].items()):
             actual = _md5(data_dir / rel)
             if actual != expected:
                 raise DatasetChecksumError(
@@ -203,7 +231,7 @@ class _CifarSource(Source):
 
     def _checked_class(self) -> type:
         """The torchvision class with its md5 attributes taken from :data:`OFFICIAL_CHECKSUMS`."""
-        base, table = self.tv_class, OFFICIAL_CHECKSUMS[self.name]
+        base, table = self.tv_class, OFFICIAL_CHECKSUMS[self.checksum_table]
         folder = base.base_folder
         return type(base.__name__, (base,), {
             "train_list": [[n, table[f"{folder}/{n}"]] for n, _ in base.train_list],
@@ -256,7 +284,7 @@ class SvhnSource(Source):
                       "{root}/svhn")
 
     def _checked_class(self) -> type:
-        table = OFFICIAL_CHECKSUMS[self.name]
+        table = OFFICIAL_CHECKSUMS[self.checksum_table]
         split_list = {k: [url, fn, table.get(f"svhn/{fn}", md5)] for k, (url, fn, md5) in tvd.SVHN.split_list.items()}
         return type("SVHN", (tvd.SVHN,), {"split_list": split_list})
 
@@ -303,7 +331,7 @@ class MnistSource(Source):
 
     def _verify(self, data_dir: Path) -> List[Dict[str, Any]]:
         records = []
-        table = OFFICIAL_CHECKSUMS[self.name]
+        table = OFFICIAL_CHECKSUMS[self.checksum_table]
         for rel in self.required_files():
             raw, gz = data_dir / rel, data_dir / (rel + ".gz")
             if gz.is_file():

@@ -4,7 +4,8 @@ Images are stored compactly as ``uint8`` tensors ``N x C x H x W`` (values 0..25
 converts a minibatch to float in [0, 1] (``x.float() / 255``).  Labels are ``int64``.  Every
 :class:`Split` carries ``indices``: the position of each example in the *source split* it came
 from (the official train or test split, or the 5,000-image array for ``mnist5k``), so a result
-can always be traced back to the original files.
+can always be traced back to the original files.  Datasets with subpopulations (coloured MNIST,
+Waterbirds, CelebA) also carry ``groups``: one int64 group id per example, for every split.
 
 Randomness here uses NumPy ``Generator`` streams derived from ``(seed, stream)`` through
 ``SeedSequence``, so the held-out set, the long-tail subsample and the label noise are independent
@@ -14,7 +15,7 @@ written to disk by :func:`methods.data.prepare.prepare_dataset`; loaders never r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ STREAM_HOLDOUT = 1      # which train images are held out as val / meta set
 STREAM_LONG_TAIL = 2    # which images each class keeps under the long-tail profile
 STREAM_NOISE = 3        # label noise
 STREAM_FIXED_TEST = 4   # mnist5k's fixed test split
+STREAM_COLOUR_TRAIN = 5  # coloured MNIST: the colour of each train image
+STREAM_COLOUR_VAL = 6    # ... of each val image
+STREAM_COLOUR_TEST = 7   # ... of each test image
 
 
 def rng_for(seed: int, stream: int) -> np.random.Generator:
@@ -35,17 +39,19 @@ def rng_for(seed: int, stream: int) -> np.random.Generator:
 @dataclass(frozen=True)
 class Split:
     """One split.  ``x``: uint8 ``N x C x H x W``; ``y``: int64 ``(N,)``; ``indices``: int64 ``(N,)``
-    positions in the source split the examples came from."""
+    positions in the source split the examples came from; ``groups``: int64 ``(N,)`` group ids
+    (subpopulation datasets only; ``None`` otherwise)."""
 
     x: torch.Tensor
     y: torch.Tensor
     indices: torch.Tensor
+    groups: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
             raise ValueError(f"Split.x must be uint8 N x C x H x W, got {self.x.dtype} {tuple(self.x.shape)}")
         n = self.x.shape[0]
-        for name in ("y", "indices"):
+        for name in ("y", "indices") + (("groups",) if self.groups is not None else ()):
             t = getattr(self, name)
             if t.dtype != torch.int64 or tuple(t.shape) != (n,):
                 raise ValueError(f"Split.{name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
@@ -62,7 +68,9 @@ class DatasetBundle:
     """Everything the trainer and evaluator need from one prepared dataset entry.
 
     ``meta`` is the manifest written by ``prepare_dataset`` (source files and checksums, split seed
-    and sizes, variant parameters, realised noise rate, class counts).
+    and sizes, variant parameters, realised noise rate, class counts, and for subpopulation
+    datasets the group definition and counts).  ``num_groups`` is set when the splits carry
+    ``groups`` (ids ``0 .. num_groups-1``), else ``None``.
     """
 
     name: str
@@ -73,6 +81,7 @@ class DatasetBundle:
     image_shape: Tuple[int, int, int]
     default_augmentation: str
     meta: Dict[str, Any] = field(default_factory=dict)
+    num_groups: Optional[int] = None
 
 
 def proportional_counts(class_counts: np.ndarray, total: int) -> np.ndarray:
@@ -130,7 +139,8 @@ def stratified_take(labels: np.ndarray, per_class: np.ndarray,
 
 
 def take(split: Split, positions: np.ndarray | torch.Tensor, labels: torch.Tensor | None = None) -> Split:
-    """Sub-split at ``positions`` of ``split`` (optionally with replacement labels)."""
+    """Sub-split at ``positions`` of ``split`` (optionally with replacement labels); groups follow."""
     pos = torch.as_tensor(np.asarray(positions), dtype=torch.int64)
     y = split.y[pos] if labels is None else labels
-    return Split(x=split.x[pos].contiguous(), y=y.clone(), indices=split.indices[pos].clone())
+    groups = None if split.groups is None else split.groups[pos].clone()
+    return Split(x=split.x[pos].contiguous(), y=y.clone(), indices=split.indices[pos].clone(), groups=groups)

@@ -17,6 +17,11 @@ from ..registry import DATASETS
 Stats = Tuple[Tuple[float, ...], Tuple[float, ...]]
 
 _MNIST = ((0.1307,), (0.3081,))
+# Coloured MNIST: the grey digits' statistics on every channel (a tinted channel's own statistics
+# depend on the palette and the correlation, so the untinted ones are the fixed choice).
+_CMNIST = ((0.1307,) * 3, (0.3081,) * 3)
+# Waterbirds / CelebA: the ImageNet statistics group DRO normalises with (pretrained ResNet-50).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # N-FGSM / locuslab ``fast_adversarial`` per-dataset statistics (spec section 2.1 table).
 DATASET_STATS: Dict[str, Stats] = {
     "mnist": _MNIST,
@@ -24,6 +29,10 @@ DATASET_STATS: Dict[str, Stats] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744)),
+    "cmnist5k": _CMNIST,
+    "cmnist": _CMNIST,
+    "waterbirds": _IMAGENET,
+    "celeba": _IMAGENET,
 }
 # Batch-in-Batch ``defenses/model.py``: these CIFAR-10 statistics for every dataset.
 BB_CIFAR10: Stats = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
