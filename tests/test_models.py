@@ -26,6 +26,12 @@ STD = {3: (0.2471, 0.2435, 0.2616), 1: (0.3081,)}
 #   resnet32                     : kaidic/LDAM-DRW models/resnet_cifar.py resnet32(use_norm=False/True)
 #   resnet18_sat                 : Selective-AT ResNet18_CIFAR10 (torchvision resnet18, 3x3 conv1)
 #   smallcnn                     : Selective-AT MNISTNet (28x28x1 input)
+#   vgg19_bn tied=True           : Hrushikesh-github/Batchout-Robustness-method vgg19/standard/
+#                                  vgg_change.py VGG() (weight-tied, Conv-ReLU-BN; vgg.py is the
+#                                  same with Conv-BN-ReLU); their state dicts loaded into ours
+#                                  (order conv_relu_bn / conv_bn_relu) give identical logits in
+#                                  train and eval mode
+#   vgg19_bn tied=False          : the same net with 16 independent convs (the usual CIFAR VGG19)
 # Keys: (name, image_shape, arch_args as sorted tuple) -> {num_classes: count}.
 C32, M28 = (3, 32, 32), (1, 28, 28)
 EXPECTED_PARAMS = {
@@ -37,6 +43,8 @@ EXPECTED_PARAMS = {
     ("resnet32", C32, (("normed_head", True),)): {10: 464_144, 100: 469_904},
     ("resnet18_sat", C32, ()): {10: 11_173_962, 100: 11_220_132},
     ("smallcnn", M28, ()): {10: 1_199_882},
+    ("vgg19_bn", C32, ()): {10: 20_040_522, 100: 20_086_692},
+    ("vgg19_bn", C32, (("tied", True),)): {10: 4_694_346, 100: 4_740_516},
 }
 
 
@@ -171,6 +179,8 @@ def test_unknown_arch_arg_is_named(name):
     ("preactresnet18", {"final_bn": "yes"}, "final_bn"),
     ("preactresnet18", {"preact_shortcut": 1}, "preact_shortcut"),
     ("resnet32", {"normed_head": "no"}, "normed_head"),
+    ("vgg19_bn", {"order": "bn_first"}, "order"),
+    ("vgg19_bn", {"tied": "yes"}, "tied"),
 ])
 def test_bad_arch_values_are_named(name, args, field):
     with pytest.raises(ValueError, match=field):
@@ -385,3 +395,62 @@ def test_resnet18_sat_matches_torchvision_layout():
     assert {k for k in ours if ours[k] != theirs[k]} == {"conv1.weight"}
     assert ours["conv1.weight"] == (64, 3, 3, 3)
     assert isinstance(model.net.model.maxpool, nn.Identity) and model.head is model.net.model.fc
+
+
+def test_vgg19_bn_layout_order_and_tying():
+    """Conv -> ReLU -> BN by default (the Batchout nets), Conv -> BN -> ReLU as the option; with
+    ``tied=True`` conv6-8 share one conv+BN and conv10-16 another, exactly the extension's
+    ``features8`` / ``features11``; every other conv, and every conv when untied, is its own."""
+    for tied in (False, True):
+        model = build("vgg19_bn", tied=tied)
+        convs = {layer.name: model.get_submodule(layer.output) for layer in model.hidden_layers
+                 if layer.name.startswith("conv")}
+        assert list(convs) == [f"conv{i}" for i in range(1, 17)]
+        groups = {}
+        for name, block in convs.items():
+            groups.setdefault(id(block.conv), []).append(name)
+            assert block.bn is convs[groups[id(block.conv)][0]].bn  # BN tied with its conv
+        expected = ([[f"conv{i}"] for i in range(1, 17)] if not tied else
+                    [["conv1"], ["conv2"], ["conv3"], ["conv4"], ["conv5"],
+                     ["conv6", "conv7", "conv8"], ["conv9"], [f"conv{i}" for i in range(10, 17)]])
+        assert sorted(groups.values()) == sorted(expected)
+        assert len({id(b) for b in convs.values()}) == 16, "one block (and tap) per position"
+    x = torch.rand(2, 3, 32, 32)
+    for order, expected in (("conv_relu_bn", ["conv", "relu", "bn"]),
+                            ("conv_bn_relu", ["conv", "bn", "relu"])):
+        block = build("vgg19_bn", order=order).net.features[0]
+        seen = []
+        for name in ("conv", "bn", "relu"):
+            getattr(block, name).register_forward_hook(lambda *a, n=name: seen.append(n))
+        block(torch.rand(2, 3, 8, 8))
+        assert seen == expected, order
+    head = build("vgg19_bn", width=1.0).head
+    assert head.in_features == 512 and not head.bias.detach().any()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tied", [False, True])
+def test_vgg19_bn_hidden_layers_fire_once_with_their_shapes(shape, tied):
+    """21 hidden layers (16 convs, 5 pools) in forward order; each pre-activation tap and each
+    output module runs once per forward even when its weights are tied (and 28x28 input keeps
+    a 1x1 map before the classifier: ceil-mode pooling)."""
+    model = fast("vgg19_bn", shape) if not tied else build("vgg19_bn", shape, width=0.125, tied=True)
+    layers = model.hidden_layers
+    assert [layer.name for layer in layers][:6] == ["conv1", "conv2", "pool1", "conv3", "conv4", "pool2"]
+    assert len(layers) == 21 and sum(layer.pre_activation is None for layer in layers) == 5
+    seen = []
+    for layer in layers:
+        for kind, path in (("pre", layer.pre_activation), ("out", layer.output)):
+            if path is not None:
+                model.get_submodule(path).register_forward_hook(
+                    lambda mod, i, out, n=layer.name, k=kind: seen.append((n, k, tuple(out.shape))))
+    with torch.no_grad():
+        model(torch.rand(2, *shape))
+    assert len(seen) == 16 * 2 + 5 and len(set((n, k) for n, k, _ in seen)) == len(seen)
+    side = shape[1]
+    sides = {1: side}
+    for r in (2, 4, 8, 16, 32):
+        sides[r] = -(-sides[r // 2] // 2)
+    assert [s for n, k, s in seen if n == "pool5"] == [(2, 64, 1, 1)]  # width 0.125
+    assert dict(((n, k), s) for n, k, s in seen)[("conv1", "pre")] == (2, 8, side, side)
+    assert dict(((n, k), s) for n, k, s in seen)[("conv9", "out")] == (2, 64, sides[8], sides[8])

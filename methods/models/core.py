@@ -21,6 +21,13 @@ forwards and backwards at the ``"features"`` stage.  Where a net would pool or a
 functionally, it calls a parameter-free module instead (:class:`GlobalAvgPool`, ``nn.ReLU``,
 ``nn.Flatten``): same numbers, same ``state_dict`` keys and parameter counts.
 
+A net may also declare its ordered *hidden layers* (:class:`HiddenLayer`): for each
+conv/linear layer (or pooling step) the module whose output is the layer's output and, where the
+layer has an activation, the module whose output is the pre-activation tensor entering it.
+Feature-level augmentations that act inside a layer (BatchOut, before the ReLU or at the
+layer output) hook these; :attr:`Backbone.hidden_layers` derives them for a net built from
+``nn.Sequential`` blocks that declares none (see there).
+
 ``width`` multiplies every channel count (``max(1, round(c * width))``) so CPU tests and smoke runs
 can use slim nets; ``width=1.0`` is the official architecture, parameter for parameter.
 """
@@ -29,7 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +107,57 @@ class Stage:
         return (self.channels,
                 math.ceil((height - self.border) / self.reduction),
                 math.ceil((width - self.border) / self.reduction))
+
+
+@dataclass(frozen=True)
+class HiddenLayer:
+    """One hidden layer of a net, in forward order, with the modules a hook reads or replaces.
+
+    ``output`` is the dotted path of the module whose forward output is the layer's output (what
+    the next layer reads: after the activation, and after BatchNorm where BN follows it).
+    ``pre_activation`` is the path of the module whose output is the tensor entering the
+    layer's activation (a conv/linear or BN output, or a parameter-free ``nn.Identity`` tap placed
+    there), or ``None`` for a layer without one (pooling).  Each module must be called exactly
+    once per forward (a tap, not a weight-tied module called at several depths).
+    """
+
+    name: str
+    output: str
+    pre_activation: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name):
+            raise ValueError(f"hidden layer name must be a non-empty str; got {self.name!r}")
+        for field in ("output", "pre_activation"):
+            value = getattr(self, field)
+            if field == "pre_activation" and value is None:
+                continue
+            if not (isinstance(value, str) and value):
+                raise ValueError(f"hidden layer {self.name!r}: {field} must be a dotted module "
+                                 f"path; got {value!r}")
+
+    def prefixed(self, prefix: str) -> "HiddenLayer":
+        """The same layer seen from a parent module that holds the net at ``prefix``."""
+        pre = None if self.pre_activation is None else prefix + self.pre_activation
+        return replace(self, output=prefix + self.output, pre_activation=pre)
+
+
+def sequential_hidden_layers(net: nn.Module) -> List[HiddenLayer]:
+    """Hidden layers read off a net's structure: every ``nn.ReLU`` that is a child of an
+    ``nn.Sequential`` is a layer (named by its module path) whose output is the ReLU and whose
+    pre-activation is the Sequential's child right before it.  Nets that activate functionally
+    (``F.relu``) or outside Sequentials yield none and must declare theirs."""
+    layers = []
+    for path, module in net.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for i, (child_name, child) in enumerate(children):
+            if isinstance(child, nn.ReLU) and i > 0:
+                prefix = f"{path}." if path else ""
+                layers.append(HiddenLayer(f"{prefix}{child_name}", f"{prefix}{child_name}",
+                                          f"{prefix}{children[i - 1][0]}"))
+    return layers
 
 
 class GlobalAvgPool(nn.Module):
@@ -175,6 +233,33 @@ class Backbone(nn.Module):
         features = self.forward_features(x)
         return self.head(features), features
 
+    def declare_layers(self, *layers: HiddenLayer) -> None:
+        """Record the ordered hidden layers (checked: unique names, resolvable modules)."""
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{type(self).__name__}: duplicate hidden layer names in {names}")
+        for layer in layers:
+            for path in (layer.output, layer.pre_activation):
+                if path is not None:
+                    self.get_submodule(path)  # AttributeError naming the path on a typo
+        self._hidden_layers = tuple(layers)
+
+    @property
+    def hidden_layers(self) -> List[HiddenLayer]:
+        """The declared hidden layers in forward order; for a net that declares none, those
+        :func:`sequential_hidden_layers` reads off its ``nn.Sequential`` blocks (possibly none)."""
+        declared = getattr(self, "_hidden_layers", None)
+        return list(declared) if declared is not None else sequential_hidden_layers(self)
+
+    def hidden_layer(self, name: str) -> HiddenLayer:
+        """The :class:`HiddenLayer` called ``name``; a ``KeyError`` listing the names on a miss."""
+        layers = self.hidden_layers
+        for layer in layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"{type(self).__name__} has no hidden layer {name!r}; hidden layers: "
+                       f"{[layer.name for layer in layers]}")
+
 
 class NormedLinear(nn.Linear):
     """Cosine classifier of LDAM-DRW (Cao et al. 2019, kaidic/LDAM-DRW ``NormedLinear``).
@@ -244,6 +329,11 @@ class NormalizedModel(Backbone):
     @property
     def head(self) -> nn.Linear:
         return self.net.head
+
+    @property
+    def hidden_layers(self) -> List[HiddenLayer]:
+        """The net's hidden layers, with ``"net."``-prefixed module paths."""
+        return [layer.prefixed("net.") for layer in self.net.hidden_layers]
 
     def __setattr__(self, name: str, value: Any) -> None:
         # ``model.head = new_linear`` replaces the net's head (nn.Module.__setattr__ would

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .core import Backbone, Stage, scale_channels
+from .core import Backbone, HiddenLayer, Stage, scale_channels
 
 MIN_IMAGE_SIZE = 6  # two valid 3x3 convs and a 2x2 max-pool leave at least one pixel
 
@@ -24,7 +24,9 @@ MIN_IMAGE_SIZE = 6  # two valid 3x3 convs and a 2x2 max-pool leave at least one 
 class SmallCNN(Backbone):
     """Stages: ``stage1`` (``relu1``, after conv1; valid conv: border 2), ``stage2`` (``relu2``,
     after conv2; border 4), then ``features`` (``relu3``, after fc1).  The ReLUs are separate
-    parameter-free modules so each stage is one module's output."""
+    parameter-free modules so each stage is one module's output.  Hidden layers (BatchOut's
+    insertion points): ``conv1``, ``conv2``, ``fc1``, each with its pre-activation (the conv /
+    linear output) and its output (the ReLU after it)."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, width: float) -> None:
         super().__init__()
@@ -38,6 +40,9 @@ class SmallCNN(Backbone):
         self.declare_stages(Stage("stage1", "relu1", c1, 1, border=2),
                             Stage("stage2", "relu2", c2, 1, border=4),
                             Stage("features", "relu3", hidden, 0))
+        self.declare_layers(HiddenLayer("conv1", "relu1", "conv1"),
+                            HiddenLayer("conv2", "relu2", "conv2"),
+                            HiddenLayer("fc1", "relu3", "fc1"))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
