@@ -247,6 +247,32 @@ def test_pair_noise_maps_only_to_next_class():
     assert binomial_ok(int(wrong.sum()), 5000, 0.2)
 
 
+def test_flip_noise_sends_each_class_to_one_random_other_class():
+    from methods.data.variants import flip_targets
+    y = torch.arange(8000) % 10
+    noisy = D.corrupt_labels(y, 10, "flip", 0.4, rng_for(2, 3))
+    targets = flip_targets(10, rng_for(2, 3))                       # drawn first from the same stream
+    assert (targets != np.arange(10)).all()
+    wrong = noisy != y
+    assert torch.equal(noisy[wrong], torch.from_numpy(targets)[y[wrong]])    # one target per class
+    assert binomial_ok(int(wrong.sum()), 8000, 0.4)
+    for c in range(10):                                                     # rate per class
+        assert binomial_ok(int(wrong[y == c].sum()), 800, 0.4)
+    assert len({tuple(flip_targets(10, rng_for(seed, 3)).tolist()) for seed in range(5)}) > 1     # seeded
+
+
+def test_flip_noise_targets_recorded_in_the_manifest(tmp_path):
+    spec = {"source": "mnist5k", "label_noise": {"kind": "flip", "rate": 0.2, "meta_per_class": 10}}
+    m = D.prepare_dataset("m5k-flip20", spec, NO_DATA, tmp_path)
+    b = D.load_dataset("m5k-flip20", spec, NO_DATA, tmp_path)
+    _, arrays = D.read_prepared(tmp_path)
+    clean, noisy = arrays["train_clean_labels"], b.train.y
+    t = torch.tensor(m["label_noise"]["flip_targets"])
+    wrong = noisy != clean
+    assert torch.equal(noisy[wrong], t[clean[wrong]]) and "Meta-Weight-Net flip" in m["label_noise"]["convention"]
+    assert m["label_noise"]["realised_rate"] == pytest.approx(float(wrong.float().mean()))
+
+
 # -------------------------------------------------------------------------------------- spec errors
 @pytest.mark.parametrize("spec,field", [
     ({"source": "mnist5k", "val_sise": 10}, "val_sise"),
@@ -262,6 +288,8 @@ def test_pair_noise_maps_only_to_next_class():
     ({"source": "cifar10", "label_noise": {"kind": "pair", "rate": 1.5}}, "label_noise.rate"),
     ({"source": "cifar10", "label_noise": {"kind": "pair"}}, "label_noise.rate"),
     ({"source": "cifar10", "label_noise": {"kind": "pair", "rate": 0.2, "include_true_class": True}},
+     "label_noise.include_true_class"),
+    ({"source": "cifar10", "label_noise": {"kind": "flip", "rate": 0.2, "include_true_class": True}},
      "label_noise.include_true_class"),
 ])
 def test_bad_spec_names_field(spec, field):

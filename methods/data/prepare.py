@@ -57,7 +57,7 @@ from .spec import DatasetSpec, parse_spec
 from .splits import (STREAM_COLOUR_TEST, STREAM_COLOUR_TRAIN, STREAM_COLOUR_VAL, STREAM_HOLDOUT,
                      STREAM_LONG_TAIL, STREAM_NOISE, DatasetBundle, Split, proportional_counts, rng_for,
                      stratified_take)
-from .variants import corrupt_labels, long_tail_counts, noise_report
+from .variants import corrupt_labels, flip_targets, long_tail_counts, noise_report
 
 FORMAT = "advrepro.dataset/1"
 MANIFEST = "manifest.json"
@@ -75,6 +75,15 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 class StalePreparationError(ValueError):
     """The prepared directory belongs to a different dataset name or spec."""
+
+
+# The manifest's description of each noise convention, by (kind, include_true_class).
+NOISE_CONVENTIONS = {
+    ("pair", False): "pair: c -> (c+1) mod C w.p. rate (Co-teaching)",
+    ("symmetric", True): "symmetric: w.p. rate redrawn uniformly from all C classes (Meta-Weight-Net)",
+    ("symmetric", False): "symmetric: w.p. rate replaced by a uniform other class (Co-teaching)",
+    ("flip", False): "flip: c -> t_c w.p. rate, one random target class t_c per class (Meta-Weight-Net flip)",
+}
 
 
 def _counts(y: torch.Tensor | np.ndarray, c: int) -> list[int]:
@@ -152,10 +161,9 @@ def _draw(name: str, spec: DatasetSpec, source: Source, data: SourceData
         noise_meta = {"kind": ln.kind, "rate": ln.rate, "include_true_class": ln.include_true_class,
                       "seed": spec.seed, "applies_to": "train", **noise_report(clean, labels, c),
                       "noisy_class_counts": _counts(labels, c),
-                      "convention": ("pair: c -> (c+1) mod C w.p. rate (Co-teaching)" if ln.kind == "pair" else
-                                     "symmetric: w.p. rate redrawn uniformly from all C classes (Meta-Weight-Net)"
-                                     if ln.include_true_class else
-                                     "symmetric: w.p. rate replaced by a uniform other class (Co-teaching)")}
+                      "convention": NOISE_CONVENTIONS[(ln.kind, ln.include_true_class)]}
+        if ln.kind == "flip":
+            noise_meta["flip_targets"] = flip_targets(c, rng_for(spec.seed, STREAM_NOISE)).tolist()
         if ln.meta_per_class is not None:
             noise_meta["meta_set"] = {"meta_per_class": ln.meta_per_class, "labels": "clean (held out before the noise)"}
     val_pool = data.val if data.val is not None else data.train

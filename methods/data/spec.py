@@ -21,7 +21,7 @@ Fields:
   and the colours of coloured MNIST.
 * ``long_tail``: ``{imbalance_factor: >= 1 (required), meta_per_class: int >= 0 (default 10, the
   IADA / Meta-Weight-Net meta set)}``.
-* ``label_noise``: ``{kind: symmetric | pair (required), rate: [0, 1) (required),
+* ``label_noise``: ``{kind: symmetric | pair | flip (required), rate: [0, 1) (required),
   include_true_class: bool (default false; symmetric only), meta_per_class: int >= 0 (optional:
   the val set is then a balanced meta set of that many clean images per class, held out before
   the noise; not together with ``long_tail``, whose meta set already is)}``.

@@ -22,6 +22,12 @@ Label noise, each train label independently:
   uniformly from all C classes (it may stay correct), so the expected wrong fraction is
   ``rate * (C - 1) / C``.
 * ``pair`` (Co-teaching ``noisify_pairflip``): with probability ``rate``, ``c -> (c + 1) mod C``.
+* ``flip`` (Meta-Weight-Net ``load_corrupted_data.flip_labels_C``, the "flip" / pair-flip noise of
+  MW-Net, CAAT and the IADA author's ``NLT_CIFAR``): every class c gets one target class t_c != c,
+  drawn uniformly from the other classes (classes in index order, from the same seeded
+  generator, before the labels); each label of class c becomes t_c with probability ``rate``.
+  MW-Net draws the targets with ``np.random.seed(1)``; here they follow the spec's ``seed`` and
+  are written into the manifest (``label_noise.flip_targets``).
 """
 from __future__ import annotations
 
@@ -30,7 +36,12 @@ from typing import Dict
 import numpy as np
 import torch
 
-NOISE_KINDS = ("symmetric", "pair")
+NOISE_KINDS = ("symmetric", "pair", "flip")
+
+
+def flip_targets(num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """``flip`` noise's target class of every class: uniform over the other classes, class by class."""
+    return np.array([(c + rng.integers(1, num_classes)) % num_classes for c in range(num_classes)], dtype=np.int64)
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -48,7 +59,8 @@ def corrupt_labels(labels: torch.Tensor | np.ndarray, num_classes: int, kind: st
     """Return noisy copies of ``labels`` (int64 tensor); ``labels`` itself is not modified.
 
     All labels get one Bernoulli(``rate``) draw, then (symmetric only) all get one replacement-class
-    draw, whatever their class, so the result is a pure function of the generator state.
+    draw, whatever their class, so the result is a pure function of the generator state (``flip``
+    draws its C targets first, :func:`flip_targets`).
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"label_noise.kind must be one of {NOISE_KINDS}, got {kind!r}")
@@ -58,8 +70,11 @@ def corrupt_labels(labels: torch.Tensor | np.ndarray, num_classes: int, kind: st
         raise ValueError("label_noise.include_true_class applies to kind 'symmetric' only")
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).numpy()
     n = len(y)
+    targets = flip_targets(num_classes, rng) if kind == "flip" else None
     hit = rng.random(n) < rate
-    if kind == "pair":
+    if kind == "flip":
+        replacement = targets[y]
+    elif kind == "pair":
         replacement = (y + 1) % num_classes
     elif include_true_class:
         replacement = rng.integers(0, num_classes, n)
