@@ -430,7 +430,8 @@ def test_every_iada_recipe_builds_its_method_and_the_families_share_one_training
     for name in mine:
         cell = resolve_cell(cfg, "d", "a", name, 0, rec)
         assert build_method(cell, build_threat(cell["threat"])).name == cell["method"]
-    lt = {n: rec[n] for n in ("ce_iada_cifar", "isda_iada_cifar", "iada_cifar", "meta_iada_cifar")}
+    lt = {n: rec[n] for n in ("ce_iada_cifar", "mixup_iada_cifar", "isda_iada_cifar", "iada_cifar",
+                              "meta_iada_cifar")}
     assert len({str(r["train"]) for r in lt.values()}) == 1       # same recipe, method aside
     train = rec["meta_iada_cifar"]["train"]
     assert train["epochs"] == 200 and train["schedule"] == {"name": "multistep",
