@@ -299,7 +299,7 @@ class FixedBatches:
             before = counter.totals_by_rows()
             self._sync()
             t0 = self.clock()
-            yield xb, yb
+            yield xb, yb, torch.arange(len(yb), device=yb.device)
             self._sync()
             self.t_step.append(self.clock() - t0)
             step = _subtract(counter.totals_by_rows(), before)

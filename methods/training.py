@@ -62,12 +62,14 @@ class TensorLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(x, y, idx)``: images in [0, 1], labels, and their positions in the training split
+        (for methods that keep per-example state, e.g. Meta-IADA's training history)."""
         order = torch.randperm(len(self.x), generator=self.generator).to(self.device)
         for i in range(self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.x[idx].float().div_(255)
-            yield augment_batch(x, self.augmentation, self.generator), self.y[idx]
+            yield augment_batch(x, self.augmentation, self.generator), self.y[idx], idx
 
 
 # ----------------------------------------------------------------------------- monitoring
@@ -255,10 +257,11 @@ def run_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int,
     loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
     stats_sum: Dict[str, float] = {}
     lr_first = optimizer.param_groups[0]["lr"]
-    for step, (x, y) in enumerate(loader):
+    for step, (x, y, *positions) in enumerate(loader):
         if parts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx.step_in_epoch, ctx.stats = step, {}
+        ctx.indices = positions[0] if positions else None
         loss = method.step(model, x, y, ctx)
         if not model.training:
             raise RuntimeError(f"method {method.name!r} returned with the model in eval mode")

@@ -247,6 +247,7 @@ def test_every_method_steps_with_a_finite_loss_and_leaves_train_mode(name):
                         std=(0.5,), width=0.25).train()
     ctx = make_ctx(model)
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx.indices = torch.arange(len(y))          # the trainer's loader passes dataset positions
     method = _set_up(name, model, x, y)
     before = [p.detach().clone() for p in model.parameters()]
     method.start_epoch(model, ctx)

@@ -60,10 +60,12 @@ def setup(method, model, data=None, epochs=2, seed=0):
     return method
 
 
-def step_ctx(model, optimizer, epoch=1, step=0, epochs=2, counter=None, seed=0):
+def step_ctx(model, optimizer, epoch=1, step=0, epochs=2, counter=None, seed=0, rows=16):
+    """A step context like the trainer's, whose batch holds training examples 0..rows-1."""
     return StepContext(epoch=epoch, step_in_epoch=step, steps_per_epoch=3, epochs=epochs,
                        device=CPU, counter=counter or PassCounter(model),
-                       generator=torch.Generator().manual_seed(seed), optimizer=optimizer)
+                       generator=torch.Generator().manual_seed(seed), optimizer=optimizer,
+                       indices=torch.arange(rows))
 
 
 def batch(n=16, classes=10, image=(1, 8, 8), seed=0):
@@ -268,7 +270,8 @@ def test_history_rolls_class_means_and_the_class_loss_at_the_epoch_boundary():
     torch.manual_seed(0)
     model = TinyNet(batchnorm=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    m = setup(METHODS.get("meta_iada")(threat=THREAT, meta_interval=100, meta_batch_size=20), model)
+    m = setup(METHODS.get("meta_iada")(threat=THREAT, history="class", meta_interval=100,
+                                             meta_batch_size=20), model)
     x, _ = batch(20, seed=3)
     y = torch.arange(20) % 8                                                   # 8 and 9 absent
     assert torch.equal(m.records.previous(y, None), torch.ones(20, 6))         # as coded: ones
@@ -294,8 +297,10 @@ def test_sample_history_needs_indices_and_uses_them():
     m = setup(METHODS.get("meta_iada")(threat=THREAT, history="sample", meta_interval=100,
                                        meta_batch_size=20), model)
     x, y = batch(8)
+    without = step_ctx(model, opt, epoch=0)
+    without.indices = None
     with pytest.raises(ValueError, match="history='sample' needs.*ctx.indices"):
-        m.step(model, x, y, step_ctx(model, opt, epoch=0))
+        m.step(model, x, y, without)
     ctx = step_ctx(model, opt, epoch=0)
     ctx.indices = torch.tensor([5, 0, 7, 100, 3, 2, 1, 131])
     with torch.no_grad():
@@ -378,7 +383,7 @@ def test_meta_step_changes_only_the_perturbation_net_by_the_right_hypergradient(
     pnet_before = {k: v.clone() for k, v in m.pnet.state_dict().items()}
     grads_before = [p.grad.clone() for p in model.parameters()]
     ctx = step_ctx(model, opt, epoch=1)
-    previous = m.records.previous(y, None)
+    previous = m.records.previous(y, ctx.indices)
     gen_state = ctx.generator.get_state()
     x_meta, y_meta = copy.deepcopy(m.meta_batches).next(ctx.generator)
     ctx.generator.set_state(gen_state)
@@ -500,7 +505,7 @@ def test_killed_run_resumes_bit_for_bit_and_writes_method_state_once_per_epoch(
     if method == "meta_iada":
         per_epoch = straight["history"][0]["passes"]
         assert per_epoch["meta"] == {"forward": 32 + 30, "backward": 32 + 30}   # 1 meta step of 3
-        assert straight["method"]["history"] == "class"
+        assert straight["method"]["history"] == "sample"   # the trainer passes dataset positions
 
     real_epoch = training.run_epoch
 

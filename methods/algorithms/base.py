@@ -94,6 +94,7 @@ class StepContext:
     counter: PassCounter            # book passes with ``ctx.counter.phase("attack")``
     generator: torch.Generator      # CPU generator for the method's own randomness (checkpointed)
     stats: Dict[str, float] = field(default_factory=dict)  # per-step scalars the method reports
+    indices: Optional[torch.Tensor] = None   # the batch's positions in the training split, if known
     optimizer: Optional[torch.optim.Optimizer] = None
     scaler: Optional[torch.amp.GradScaler] = None
     precision: Precision = Precision.FP32

@@ -36,10 +36,10 @@ Reconstructed / assumed (spec 1.4 and 6), each a named option where a choice exi
   so a characteristic that is the same for the whole batch (15 always, 7-8 in a one-class
   batch) is normalised to 0 and carries no information -- a property of this reconstruction.
   ``history`` says what "previous value" is: ``"sample"`` the same training example in the
-  previous epoch (Meta-CALA's per-index buffers; it needs every row's dataset index as
-  ``ctx.indices``, which the shared trainer does not pass yet, so it runs only where a caller
-  provides them); ``"class"`` (default, runnable everywhere) the mean of that characteristic
-  over the sample's class in the previous epoch.  ``characteristics_grad=True`` keeps the
+  previous epoch (default, Meta-CALA's per-index buffers; it uses every row's training-set
+  index, ``ctx.indices``, which the trainer's loader passes); ``"class"`` (an option, for callers
+  without indices) the mean of that characteristic over the sample's class in the previous
+  epoch.  ``characteristics_grad=True`` keeps the
   characteristics' graph to the look-ahead parameters in the pseudo step as Meta-CALA's code
   does (its ``weight_feature`` takes undetached ``pseudo_outputs``); the spec detaches them.
 * **Meta step** every ``meta_interval`` steps (``(step_in_epoch + 1) % meta_interval == 0``;
@@ -188,7 +188,7 @@ class SampleHistory:
     def _need(indices):
         if indices is None:
             raise ValueError("method 'meta_iada': history='sample' needs every row's training-set "
-                             "index (ctx.indices), which this trainer does not pass; use "
+                             "index (ctx.indices), which this caller does not pass; use "
                              "history='class'")
         return indices
 
@@ -361,7 +361,7 @@ class MetaIADA(Method):
                  hidden: int = 100, layers: int = 1, meta_lr: float = 1e-3,
                  meta_weight_decay: float = 1e-4, meta_interval: int = 20,
                  meta_batch_size: int = 100, meta_augmentation: str = "none",
-                 lookahead: str = "optimizer", history: str = "class",
+                 lookahead: str = "optimizer", history: str = "sample",
                  characteristics_grad: bool = False) -> None:
         super().__init__(threat=threat)
         self.alpha, self.beta, self.eps_max = float(alpha), float(beta), float(eps_max)
@@ -506,7 +506,7 @@ class MetaIADA(Method):
     def step(self, model, x, y, ctx):
         if not self.ready:
             raise RuntimeError("meta_iada: setup() was not called")
-        indices = getattr(ctx, "indices", None)
+        indices = ctx.indices
         previous = self.records.previous(y, indices)
         if (ctx.step_in_epoch + 1) % self.meta_interval == 0:
             with ctx.counter.phase("meta"):
