@@ -12,16 +12,32 @@ every step, optional per-example early stop (only still-correct examples keep mo
 per-example worst case over restarts: an example counts as robust only if no restart fools it.
 
 Evaluation runs attacks by name through :data:`methods.registry.ATTACKS`: each entry takes
-``(model, x, y, spec, threat, generator)`` with a normalized spec
+``(model, x, y, spec, threat, generator, gradient=None)`` with a normalized spec
 (:func:`methods.attack_specs.normalize_attack_spec`) and the threat that attack uses (the spec's
 own ``eps`` / ``norm`` already applied), and returns a list of :class:`AttackRun`: one per
 adversarial batch it produced (targeted ``all``: one per wrong class).  The evaluation checks
 every run's ``x_adv`` itself and decides robustness from the model's own predictions.
+
+Attacks against evaluation-time defences (:mod:`methods.defenses`) use two more seams here:
+
+* a *gradient function* (``gradient=``, :data:`GradientFn`) replaces the plain
+  :func:`logits_and_gradient` inside FGSM and PGD.  :func:`eot_gradient` is the one for
+  randomized defences: Expectation over Transformation (Athalye, Carlini, Wagner, ICML 2018;
+  Athalye et al. 2018, "Synthesizing robust adversarial examples"), the summed cross-entropy of
+  ``samples`` independent draws of the defended model, differentiated through the defence
+  (mixing, noise, rotation, resize), so each step follows the gradient averaged over draws.
+  With one draw of a deterministic predictor it is :func:`logits_and_gradient` operation for
+  operation, so EOT-PGD equals PGD bit for bit there (tested);
+* *label policies* (:data:`LABEL_POLICIES`, :func:`attack_labels`): an untargeted attack either
+  pushes away from the true label (``true``) or, as Mixup Inference's code does (cleverhans'
+  ``y=None``, avoiding label leaking), from the attacked predictor's own prediction on the clean
+  input (``predicted``).  Robustness is still judged against the true label.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+import math
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +45,11 @@ from torch import nn
 
 from .registry import ATTACKS
 from .threat import ThreatModel, clamp_to_image
+
+#: ``(x, delta, goal, targeted) -> (logits, gradient w.r.t. delta)``: the step direction of FGSM
+#: and PGD; ``logits`` (or log-probabilities) at ``x + delta`` decide PGD's early stop.
+GradientFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                      Tuple[torch.Tensor, torch.Tensor]]
 
 
 def logits_and_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor,
@@ -54,12 +75,83 @@ def input_gradient(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: to
     return logits_and_gradient(model, x, delta, y, targeted)[1]
 
 
+def eot_gradient(draws: Callable[[torch.Tensor, int], torch.Tensor], samples: int,
+                 chunk: Optional[int] = None) -> GradientFn:
+    """Expectation over Transformation: a :data:`GradientFn` over ``samples`` draws.
+
+    ``draws(x_in, k)`` returns the logits of ``k`` independent draws of a randomized predictor
+    at ``x_in``, shape ``(k, B, C)``, differentiable w.r.t. ``x_in`` (each call draws fresh
+    randomness); every chunk of one step gets the same ``x_in`` tensor.  The gradient is that
+    of the cross-entropy summed over draws and examples
+    (``-CE`` when targeted), i.e. ``samples`` times the average gradient; FGSM's and PGD's steps
+    (sign for Linf, normalized for L2) do not depend on that scale.  The draws are evaluated
+    ``chunk`` at a time (default all), one backward each, gradients summed, so memory holds at
+    most ``chunk * B`` rows.  The returned logits (for PGD's early stop) are one draw's logits
+    when ``samples == 1``, else the log of the softmax averaged over the draws.
+    """
+    if samples < 1:
+        raise ValueError(f"eot_gradient: samples must be >= 1, got {samples}")
+    per = samples if chunk is None else max(1, min(int(chunk), samples))
+
+    def gradient(x: torch.Tensor, delta: torch.Tensor, goal: torch.Tensor,
+                 targeted: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        delta = delta.detach().requires_grad_(True)
+        x_in = x + delta   # one tensor for every chunk, so ``draws`` may reuse per-input work
+        grad, outputs, done = None, [], 0
+        while done < samples:
+            k = min(per, samples - done)
+            logits = draws(x_in, k)
+            loss = F.cross_entropy(logits.flatten(0, 1), goal.repeat(k), reduction="sum")
+            if targeted:
+                loss = -loss
+            done += k
+            (g,) = torch.autograd.grad(loss, delta, retain_graph=done < samples)
+            grad = g if grad is None else grad + g
+            outputs.append(logits.detach())
+        logits = torch.cat(outputs)
+        if samples == 1:
+            return logits[0], grad.detach()
+        mean_log_prob = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(samples)
+        return mean_log_prob, grad.detach()
+
+    return gradient
+
+
+def _true_labels(predictor: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+@torch.no_grad()
+def _predicted_labels(predictor: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return predictor(x).argmax(dim=1)
+
+
+#: Untargeted label policy -> ``(predictor, x, y) -> the labels the attack pushes away from``.
+LABEL_POLICIES: Dict[str, Callable[..., torch.Tensor]] = {
+    "true": _true_labels, "predicted": _predicted_labels}
+
+
+def attack_labels(predictor: nn.Module, x: torch.Tensor, y: torch.Tensor, policy: str) -> torch.Tensor:
+    """The labels an untargeted attack uses: ``y`` (``true``) or the predictor's prediction on
+    the clean ``x`` (``predicted``, as Mixup Inference's code).  Targeted attacks draw their
+    targets against ``y`` and always take ``true``."""
+    try:
+        return LABEL_POLICIES[policy](predictor, x, y)
+    except KeyError:
+        raise ValueError(f"labels: unknown policy {policy!r}; known: {sorted(LABEL_POLICIES)}") from None
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-         alpha: Optional[float] = None) -> torch.Tensor:
-    """FGSM (Goodfellow et al., 2015) from the clean point, step ``alpha`` (default eps)."""
+         alpha: Optional[float] = None, gradient: Optional[GradientFn] = None) -> torch.Tensor:
+    """FGSM (Goodfellow et al., 2015) from the clean point, step ``alpha`` (default eps).
+    ``gradient``: the step direction (default :func:`logits_and_gradient` of ``model``)."""
     step = threat.eps if alpha is None else alpha
     delta = torch.zeros_like(x)
-    delta = threat.ascent(delta, input_gradient(model, x, delta, y), step)
+    if gradient is None:
+        grad = input_gradient(model, x, delta, y)
+    else:
+        grad = gradient(x, delta, y, False)[1]
+    delta = threat.ascent(delta, grad, step)
     delta = clamp_to_image(x, threat.project(delta))
     return (x + delta).detach()
 
@@ -67,15 +159,21 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
         alpha: float, steps: int, restarts: int = 1, random_start: bool = True,
         target: Optional[torch.Tensor] = None, early_stop: bool = False,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        generator: Optional[torch.Generator] = None,
+        gradient: Optional[GradientFn] = None) -> torch.Tensor:
     """Projected gradient descent; returns the per-example worst case over ``restarts``.
 
     ``target``: if given, a targeted attack towards these classes (success = predicting them);
     otherwise untargeted against ``y``.  ``early_stop``: stop moving an example once it is
     fooled (locuslab's evaluation), and compute only the rows still moving; use it only with
     the model in eval mode (in train mode BatchNorm would see a different batch).  Training
-    attacks (Madry) leave it off.
+    attacks (Madry) leave it off.  ``gradient``: the step direction and the early-stop logits
+    (default :func:`logits_and_gradient` of ``model``; :func:`eot_gradient` for a randomized
+    defence); ``model`` itself then only scores restarts.
     """
+    if gradient is None:
+        def gradient(xa, da, ga, targeted):
+            return logits_and_gradient(model, xa, da, ga, targeted=targeted)
     if steps < 0 or restarts < 1:
         raise ValueError(f"pgd needs steps >= 0 and restarts >= 1, got {steps}, {restarts}")
     targeted = target is not None
@@ -94,7 +192,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                 # Only examples the current delta does not fool move on (and are computed:
                 # the model is in eval mode here, so rows do not interact).
                 xa, da, ga = x[active], delta[active], goal[active]
-                logits, grad = logits_and_gradient(model, xa, da, ga, targeted=targeted)
+                logits, grad = gradient(xa, da, ga, targeted)
                 keep = ~_fooled(logits, y[active], target[active] if targeted else None)
                 stepped = clamp_to_image(xa, threat.project(threat.ascent(da, grad, alpha)))
                 delta = delta.clone()
@@ -103,7 +201,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                 if active.numel() == 0:
                     break
             else:
-                _, grad = logits_and_gradient(model, x, delta, goal, targeted=targeted)
+                _, grad = gradient(x, delta, goal, targeted)
                 delta = clamp_to_image(x, threat.project(threat.ascent(delta, grad, alpha)))
         if restarts == 1:
             return (x + delta).detach()  # nothing to compare against: skip the scoring forward
@@ -174,19 +272,23 @@ TARGET_POLICIES: Dict[str, Callable[..., List[torch.Tensor]]] = {
 
 @ATTACKS.register("fgsm")
 def run_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Dict, threat: ThreatModel,
-             generator: Optional[torch.Generator] = None) -> List[AttackRun]:
-    """FGSM with step eps from the clean point (the spec has no other knobs)."""
-    return [AttackRun(fgsm(model, x, y, threat))]
+             generator: Optional[torch.Generator] = None,
+             gradient: Optional[GradientFn] = None) -> List[AttackRun]:
+    """FGSM with step eps from the clean point (the spec has no other knobs); ``gradient`` as
+    in :func:`fgsm`."""
+    return [AttackRun(fgsm(model, x, y, threat, gradient=gradient))]
 
 
 @ATTACKS.register("pgd")
 def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Dict, threat: ThreatModel,
-            generator: Optional[torch.Generator] = None) -> List[AttackRun]:
+            generator: Optional[torch.Generator] = None,
+            gradient: Optional[GradientFn] = None) -> List[AttackRun]:
     """PGD as the spec says; targeted specs draw their targets (:data:`TARGET_POLICIES`) from
-    the clean logits and ``generator`` (before any random start) and run once per target set."""
+    the clean logits and ``generator`` (before any random start) and run once per target set.
+    ``gradient`` as in :func:`pgd` (``model`` then scores restarts and targets)."""
     kwargs = dict(alpha=float(spec["alpha"]), steps=int(spec["steps"]),
                   restarts=int(spec["restarts"]), random_start=bool(spec["random_start"]),
-                  early_stop=bool(spec["early_stop"]), generator=generator)
+                  early_stop=bool(spec["early_stop"]), generator=generator, gradient=gradient)
     policy = spec.get("targeted")
     if policy is None:
         return [AttackRun(pgd(model, x, y, threat, **kwargs))]

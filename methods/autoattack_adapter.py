@@ -26,12 +26,21 @@ Facts about ``pyautoattack`` 0.2.0 this adapter relies on (read from its source)
 * ``checks.check_dynamic`` counts calls in a module-level dict that it never resets (one dynamic
   model makes every later run warn) and ends with ``sys.settrace(None)`` (which switches off a
   debugger's or coverage's tracer).
+* Version ``'rand'`` (for randomized defences) runs ``['apgd-ce', 'apgd-dlr']`` with one restart
+  and ``eot_iter = 20``: every APGD step averages 20 gradients, each from a fresh forward of the
+  (randomized) model.  The APGD objects (``adversary.apgd``, ``adversary.apgd_targeted``) fix
+  their step-size checkpoints from ``n_iter`` in ``__init__`` (``n_iter_2 = max(int(0.22 *
+  n_iter), 1)``, ``n_iter_min = max(int(0.06 * n_iter), 1)``, ``size_decr = max(int(0.03 *
+  n_iter), 1)``, ``n_iter_orig = n_iter``) and read ``eot_iter`` at every step.
 
 What the adapter adds: eval mode for the run (every submodule's own mode restored afterwards),
 frozen parameters (restored), input validation, a forked and seeded torch RNG (the caller's RNG
 stream is untouched), the package's log and check warnings captured, and independent checks of
 the output: the eps-ball in the chosen norm, the [0, 1] box, and ``robust`` recomputed from the
-model's own predictions on ``x_adv``.
+model's own predictions on ``x_adv``.  A smaller APGD budget (``iterations``, ``eot_iter``) can
+be set for smoke runs and tests; it is applied exactly as the package's ``__init__`` derives its
+schedule and recorded in the result (``None``: the version's own budget, the only one that is
+AutoAttack as published).
 """
 from __future__ import annotations
 
@@ -101,6 +110,8 @@ class AutoAttackResult:
     seed: int
     attacks: list
     batch_size: int = 500
+    iterations: Optional[int] = None
+    eot_iter: Optional[int] = None
     n_examples: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +131,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                    version: str = "standard", seed: int = 0, batch_size: int = 500,
                    attacks: Optional[Sequence[str]] = None,
                    device: Union[torch.device, str, None] = None,
-                   log_path: Union[str, Path, None] = None) -> AutoAttackResult:
+                   log_path: Union[str, Path, None] = None,
+                   iterations: Optional[int] = None,
+                   eot_iter: Optional[int] = None) -> AutoAttackResult:
     """Run AutoAttack (``pyautoattack`` 0.2.0) on ``model`` at ``x, y`` and check its output.
 
     ``model`` maps (N, C, H, W) images in [0, 1] to logits (normalisation inside the model).
@@ -131,6 +144,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     ``seed`` is passed to the package and seeds torch inside a forked RNG.  ``device``: where the
     package runs the model (default: the device of the model's parameters, else ``x.device``).
     ``log_path``: if given, the package's full log (DEBUG level) is written there.
+    ``iterations`` / ``eot_iter``: override the APGD attacks' iterations and EOT draws per step
+    (:func:`_set_apgd_budget`; default ``None``: the version's own, 100 and 1, or 20 for
+    ``'rand'``); for smoke runs and tests, recorded in the result.
 
     The model is in eval mode, with parameters frozen, for the run; both are restored afterwards.
     Raises ``ValueError`` for invalid arguments or inputs outside [0, 1] and
@@ -144,6 +160,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         raise ValueError(f"seed must be an int, got {seed!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for name, value in (("iterations", iterations), ("eot_iter", eot_iter)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or a positive int, got {value!r}")
     device = torch.device(device) if device is not None else _model_device(model, x)
     x = x.detach()
     y = y.detach()
@@ -157,6 +176,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
             model, attacks=attacks_arg, device=device, eps=threat.eps,
             norm=_PACKAGE_NORM[threat.norm], seed=seed, version=version)
         run_attacks = list(adversary.attacks_to_run)
+        _set_apgd_budget(adversary, iterations, eot_iter)
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         robust = _predict(model, x_adv, device, batch_size).to(y.device) == y
 
@@ -176,7 +196,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         x_adv=x_adv, robust=robust, robust_accuracy=robust_accuracy, per_attack=dict(reported),
         warnings=warnings, package=PACKAGE, package_version=package_version, version=version,
         norm=threat.norm.value, eps=float(threat.eps), seed=seed, attacks=run_attacks,
-        batch_size=batch_size)
+        batch_size=batch_size, iterations=iterations, eot_iter=eot_iter)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -254,6 +274,19 @@ def _check_output(x: torch.Tensor, x_adv: torch.Tensor, threat: ThreatModel) -> 
         n_out = int((dist > threat.eps + EPS_TOLERANCE).sum())
         raise AutoAttackCheckError(f"x_adv leaves the {threat.norm.value} ball of radius"
                                    f" {threat.eps}: max distance {worst:.8g} ({n_out} points)")
+
+
+def _set_apgd_budget(adversary, iterations: Optional[int], eot_iter: Optional[int]) -> None:
+    """Set the APGD attacks' ``n_iter`` (with the step-size checkpoints the package's
+    ``APGDAttack.__init__`` derives from it) and ``eot_iter``; ``None`` leaves them alone."""
+    for attack in (adversary.apgd, adversary.apgd_targeted):
+        if iterations is not None:
+            attack.n_iter = attack.n_iter_orig = iterations
+            attack.n_iter_2 = max(int(0.22 * iterations), 1)
+            attack.n_iter_min = max(int(0.06 * iterations), 1)
+            attack.size_decr = max(int(0.03 * iterations), 1)
+        if eot_iter is not None:
+            attack.eot_iter = eot_iter
 
 
 # ----------------------------------------------------------------------------- run context

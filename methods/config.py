@@ -34,6 +34,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 import yaml
 
 from .attack_specs import AttackSpecError, check_attack_specs, normalize_attack_spec
+from .defenses.specs import (DefenseSpecError, check_defense_attacks, check_defense_specs,
+                             normalize_defense_autoattack)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
@@ -251,6 +253,16 @@ def resolve_evaluation(config: Mapping[str, Any], recipe: str,
             spec["autoattack"]["compare_pgd"] = normalize_attack_spec(
                 compare, "evaluation.autoattack.compare_pgd")
     except AttackSpecError as e:
+        raise ConfigError(f"recipe {recipe!r}: {e}") from None
+    # Defence specs (methods.defenses.specs) likewise, only where the block names them, so an
+    # evaluation without defences keeps its identity.
+    try:
+        for key, check in (("defenses", check_defense_specs),
+                           ("defense_attacks", check_defense_attacks),
+                           ("defense_autoattack", normalize_defense_autoattack)):
+            if key in spec:
+                spec[key] = check(spec[key], f"evaluation.{key}")
+    except (DefenseSpecError, AttackSpecError) as e:
         raise ConfigError(f"recipe {recipe!r}: {e}") from None
     spec["eval_hash"] = config_hash(spec)
     return spec

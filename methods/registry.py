@@ -1,4 +1,4 @@
-"""Name -> builder registries for datasets, models, attacks and training methods.
+"""Name -> builder registries for datasets, models, attacks, defences and training methods.
 
 Every component of advrepro is looked up by name in one of these registries, never through an
 if-chain or ``eval`` of a config string.  Registering the same name twice is an error, so two
@@ -50,3 +50,6 @@ METHODS: Registry[type] = Registry("method")
 #: Evaluation attacks: name -> torch implementation (:mod:`methods.attacks`); the torch-free
 #: spec of each name (fields, defaults, label) is in :mod:`methods.attack_specs`.
 ATTACKS: Registry[Callable] = Registry("attack")
+#: Evaluation-time defences: name -> torch implementation class (:mod:`methods.defenses`); the
+#: torch-free spec of each name (fields, defaults, label) is in :mod:`methods.defenses.specs`.
+DEFENSES: Registry[type] = Registry("defense")

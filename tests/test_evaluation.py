@@ -177,3 +177,37 @@ def test_compare_pgd_must_use_autoattacks_threat(trained):
 def test_evaluation_needs_an_eval_hash(trained):
     with pytest.raises(ValueError, match="eval_hash"):
         evaluate(trained, {"attacks": []})
+
+
+# ----------------------------------------------------------------------------- defences
+def test_defenses_add_their_metrics_and_leave_the_base_metrics_unchanged(trained):
+    root, out = trained
+    attacks = [{"name": "pgd", "steps": 5, "alpha": 0.1}]
+    aa = dict(TINY_CONFIG["evaluation"]["autoattack"], n=10, compare_pgd=None)
+    plain = evaluate(trained, evaluation_identity(attacks=attacks, autoattack=aa), "plain.json")
+    defended = evaluation_identity(
+        attacks=attacks, autoattack=aa,
+        defenses=[{"name": "mi_ol", "samples": 4}, {"name": "gaussian", "samples": 3}],
+        defense_attacks=[{"name": "pgd", "steps": 3, "alpha": 0.1, "eot_samples": 2},
+                         {"name": "fgsm", "modes": ["oblivious"], "labels": True}],
+        defense_autoattack={"version": "rand", "draws": 1, "iterations": 2, "eot_iter": 2})
+    rec = evaluate(trained, defended, "defended.json")
+    assert read_result(out / "defended.json", "eval_result.schema.json") == rec
+    for key in ("clean", "PGD-5-1-alpha=0.1"):
+        assert rec["metrics"][key] == plain["metrics"][key]       # the base model's, unchanged
+    assert rec["guards"]["buffers_unchanged"] and rec["guards"]["eval_mode"]
+    mi = "MI-OL(N=4)"
+    assert [k for k in rec["metrics"] if k.startswith(mi)] == [
+        f"{mi} | clean", f"{mi} | PGD-3-1-alpha=0.1-no_early_stop | oblivious",
+        f"{mi} | PGD-3-1-alpha=0.1-no_early_stop | adaptive-EOT-2",
+        f"{mi} | FGSM-labels=true | oblivious"]
+    for key, m in rec["metrics"].items():
+        assert_per_class_consistent(m, 10)
+        if m.get("mode") in ("oblivious", "adaptive"):
+            assert m["max_distance"] <= 0.3 + 1e-6 and m["threat"] == {"norm": "linf", "eps": 0.3}, key
+    record = rec["defenses"][mi]
+    assert record["pool"]["split"] == "val" and record["pool"]["evaluated_images_in_pool"] == 0
+    assert record["pool"]["per_class"] == [50] * 10 and record["randomized"]
+    assert record["autoattack"]["indices"] == plain["autoattack"]["indices"]   # the same subset
+    assert record["autoattack"]["version"] == "rand"
+    assert rec["defenses"]["GaussianNoise(σ=0.05,N=3)"]["pool"] is None
