@@ -307,13 +307,26 @@ class FixedBatches:
             self.measure_units(rows_run(step) | {len(self.y)})
 
 
-def synthetic_bundle(cell: Dict[str, Any]) -> DatasetBundle:
-    """A bundle with the dataset's shape and classes but no data (all the builders need)."""
+def synthetic_bundle(cell: Dict[str, Any], seed: int, batch_size: int) -> DatasetBundle:
+    """A bundle with the dataset's shape and classes and synthetic data: a training split of
+    ``batch_size`` images (the benched batch, so per-example method state has a row for each)
+    and a balanced validation / meta split of 10 images per class (for methods whose ``setup``
+    needs one, e.g. Meta-IADA).  Images uniform in [0, 1] (stored as uint8), labels uniform
+    over the classes (train) or cycling through them (meta), all drawn from ``seed``."""
     source = DATASETS.get(cell["dataset"]["source"])
-    empty = Split(torch.zeros((0, *source.image_shape), dtype=torch.uint8),
+    shape, classes = tuple(source.image_shape), source.num_classes
+    g = cpu_generator(seed)
+
+    def split(labels: torch.Tensor) -> Split:
+        x = (torch.rand((len(labels), *shape), generator=g) * 255).to(torch.uint8)
+        return Split(x, labels, torch.arange(len(labels)))
+
+    train = split(torch.randint(0, classes, (batch_size,), generator=g))
+    meta = split(torch.arange(10 * classes) % classes)
+    empty = Split(torch.zeros((0, *shape), dtype=torch.uint8),
                   torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-    return DatasetBundle(name=cell["dataset"]["name"], train=empty, val=empty, test=empty,
-                         num_classes=source.num_classes, image_shape=tuple(source.image_shape),
+    return DatasetBundle(name=cell["dataset"]["name"], train=train, val=meta, test=empty,
+                         num_classes=classes, image_shape=shape,
                          default_augmentation=source.default_augmentation)
 
 
@@ -332,10 +345,9 @@ def bench_cell(cell: Dict[str, Any], batch_size: int, settings: Dict[str, Any], 
     """Time one recipe's training step (see the module docstring for what is measured)."""
     seed = settings["seed"]
     seed_everything(seed)
-    bundle = synthetic_bundle(cell)
-    g = cpu_generator(seed)
-    x = torch.rand((batch_size, *bundle.image_shape), generator=g).to(device)
-    y = torch.randint(0, bundle.num_classes, (batch_size,), generator=g).to(device)
+    bundle = synthetic_bundle(cell, seed, batch_size)
+    x = bundle.train.x.to(device).float().div_(255)     # the fixed batch is the training split
+    y = bundle.train.y.to(device)
     epochs = int(cell["train"]["epochs"])
     epoch = epochs - 1 if settings["epoch"] == "last" else int(settings["epoch"])
     warmup, repeats = settings["warmup_steps"], settings["repeats"]

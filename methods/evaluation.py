@@ -65,6 +65,7 @@ from .attack_specs import attack_label, attack_threat, check_attack_specs, norma
 from .attacks import attack_labels, eot_gradient
 from .builders import build_cell_model, build_threat, load_weights, to_float
 from .data import load_dataset
+from .eval_extras import calibration_histogram, clean_predictions, evaluated_groups, group_counts
 from .defenses import input_transforms, mixup_inference  # noqa: F401  (fill DEFENSES)
 from .defenses.base import DefendedModel, Defense, DefenseContext, build_pool, derive_seed
 from .defenses.specs import (check_defense_attacks, check_defense_specs, defense_attack_label,
@@ -211,25 +212,38 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     x_all, y_all = to_float(bundle.test.x, device), bundle.test.y.to(device)
     evaluated = bundle.test.x
     n_eval = ecfg.get("n")
+    idx = None
     if n_eval:
         idx = stratified_subset(bundle.test.y, int(n_eval), seed)
         evaluated = bundle.test.x[idx]
-        idx = idx.to(device)
-        x_all, y_all = x_all[idx], y_all[idx]
+        x_all, y_all = x_all[idx.to(device)], y_all[idx.to(device)]
+    # Group ids (subpopulation-shift datasets) of the evaluated examples, or None.
+    g_all = evaluated_groups(bundle.test.groups, idx)
+    if g_all is not None:
+        g_all = g_all.to(device)
+
+    def with_groups(record: Dict[str, Any], ok: torch.Tensor) -> Dict[str, Any]:
+        if g_all is not None:
+            record["per_group"] = group_counts(ok, g_all, bundle.num_groups)
+        return record
     if x_all.min() < 0 or x_all.max() > 1:
         raise AssertionError("test inputs leave [0, 1]")
 
     metrics: Dict[str, Any] = {}
     with meter.window("run"), meter.window("evaluate"):
         with meter.window("clean"):
-            metrics["clean"] = accuracy_record(predict(model, x_all, bs) == y_all, y_all, classes)
+            pred, probs = clean_predictions(model, x_all, bs)
+            ok = pred == y_all
+            metrics["clean"] = with_groups({**accuracy_record(ok, y_all, classes),
+                                            "calibration": calibration_histogram(probs, y_all, pred=pred)},
+                                           ok)
         for spec in specs:
             label = attack_label(spec)
             used = attack_threat(spec, base_threat)
             with meter.window(_window_name(label)):
                 ok, dist = run_attack(model, spec, build_threat(used), x_all, y_all, bs, seed, label)
-            metrics[label] = {**accuracy_record(ok, y_all, classes), "attack": spec,
-                              "threat": used, "max_distance": dist}
+            metrics[label] = with_groups({**accuracy_record(ok, y_all, classes), "attack": spec,
+                                          "threat": used, "max_distance": dist}, ok)
         aa = _autoattack_block(aa_spec, compare_pgd, model, bundle, threat, seed, bs, device,
                                meter)
         defenses = None
@@ -287,6 +301,10 @@ def _autoattack_block(spec, compare_pgd, model, bundle, threat, seed, bs, device
     aa_ok = result.robust.to(device)
     out = {**result.to_dict(), **accuracy_record(aa_ok, y, classes),
            "indices": idx.tolist(), "subset_seed": aa_seed}
+    groups = evaluated_groups(bundle.test.groups, idx)
+    if groups is not None:
+        groups = groups.to(device)
+        out["per_group"] = group_counts(aa_ok, groups, bundle.num_groups)
     # PGD on the very same examples, so PGD >= AutoAttack can be checked example by example.
     if compare_pgd:   # at AutoAttack's threat (checked by evaluate_cell)
         pgd_ok, dist = run_attack(model, compare_pgd, threat, x, y, bs, seed,
@@ -296,6 +314,8 @@ def _autoattack_block(spec, compare_pgd, model, bundle, threat, seed, bs, device
                                   "threat": _threat_dict(threat), "max_distance": dist,
                                   "robust_to_pgd_not_aa": int((pgd_ok & ~aa_ok).sum()),
                                   "robust_to_aa_not_pgd": int((aa_ok & ~pgd_ok).sum())}
+        if groups is not None:
+            out["pgd_same_subset"]["per_group"] = group_counts(pgd_ok, groups, bundle.num_groups)
     return out
 
 

@@ -211,3 +211,40 @@ def test_defenses_add_their_metrics_and_leave_the_base_metrics_unchanged(trained
     assert record["autoattack"]["indices"] == plain["autoattack"]["indices"]   # the same subset
     assert record["autoattack"]["version"] == "rand"
     assert rec["defenses"]["GaussianNoise(σ=0.05,N=3)"]["pool"] is None
+
+
+# ----------------------------------------------------------------------------- groups, calibration
+def test_grouped_dataset_records_per_group_counts_and_calibration(tmp_path):
+    """On coloured MNIST-5k (groups = label x colour) every accuracy carries per-group counts
+    that sum to its totals, the clean pass a calibration histogram, and the LT / group metrics
+    read them back from the files."""
+    from methods.data import prepare_dataset
+    from methods.lt_metrics import summarize_file
+
+    spec = {"source": "cmnist5k", "spurious": {"correlation": 0.9}, "val_size": 100}
+    prepare_dataset("cmnist", spec, tmp_path / "data", tmp_path / "prepared")
+    config = {**TINY_CONFIG, "datasets": {"cmnist": spec},
+              "cells": [{"datasets": ["cmnist"], "archs": ["smallcnn-tiny"],
+                         "recipes": ["pgd_tiny"], "seeds": [3]}]}
+    config["recipes"] = {"pgd_tiny": {**TINY_CONFIG["recipes"]["pgd_tiny"],
+                                      "train": {**TINY_CONFIG["recipes"]["pgd_tiny"]["train"],
+                                                "epochs": 1, "max_steps_per_epoch": 3}}}
+    out = tmp_path / "cell"
+    train_cell(resolve_cell(config, "cmnist", "smallcnn-tiny", "pgd_tiny", 3), tmp_path / "data",
+               tmp_path / "prepared", out, out / "train.json", device="cpu", threads=1,
+               meter_backend="null")
+    evaluation = evaluation_identity(autoattack={**TINY_CONFIG["evaluation"]["autoattack"], "n": 20})
+    rec = evaluate_cell(out / "train.json", evaluation, "last", tmp_path / "data",
+                        tmp_path / "prepared", out / "eval.json", device="cpu", threads=1,
+                        meter_backend="null")
+    for m in [*rec["metrics"].values(), rec["autoattack"], rec["autoattack"]["pgd_same_subset"]]:
+        assert sum(m["per_group"]["correct"]) == m["correct"]
+        assert sum(m["per_group"]["total"]) == m["n"]
+    cal = rec["metrics"]["clean"]["calibration"]
+    assert sum(cal["count"]) == rec["metrics"]["clean"]["n"]
+    assert sum(cal["correct"]) == rec["metrics"]["clean"]["correct"]
+    clean = summarize_file(out / "eval.json")["results"]["clean"]
+    pg = rec["metrics"]["clean"]["per_group"]
+    worst = min(c / t for c, t in zip(pg["correct"], pg["total"]) if t)
+    assert clean["worst_group"]["acc"] == pytest.approx(worst)
+    assert 0 <= clean["ece"] <= 1
