@@ -4,7 +4,7 @@ They turn one pass of predictions into the counts :mod:`methods.lt_metrics` read
 evaluation files (which never need the model again):
 
 * :func:`clean_predictions` -- predicted classes and softmax probabilities in one no-grad pass
-  (the prediction is the argmax of the logits, exactly as :func:`methods.evaluation.predict`);
+  (the prediction is the argmax of the logits, exactly as :func:`methods.eval_core.predict`);
 * :func:`group_counts` -- per-group ``correct`` / ``total`` of any correctness flags (clean or
   robust), for worst-group accuracy;
 * :func:`calibration_histogram` -- the reliability histogram expected calibration error is

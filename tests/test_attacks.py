@@ -8,7 +8,7 @@ from methods import attacks as attack_impls
 from methods.attack_specs import (ATTACK_KINDS, AttackSpecError, attack_label, attack_threat,
                                   check_attack_specs, normalize_attack_spec)
 from methods.attacks import fgsm, pgd
-from methods.evaluation import run_attack
+from methods.eval_core import run_attack
 from methods.registry import ATTACKS, Registry
 from methods.threat import ThreatModel, clamp_to_image
 from tests.helpers import TinyNet, toy_batch

@@ -21,7 +21,8 @@ from methods.defenses.specs import (DefenseSpecError, check_defense_attacks, che
                                     defense_attack_label, defense_label, metric_key, mode_label,
                                     normalize_defense_attack, normalize_defense_autoattack,
                                     normalize_defense_spec, split_defense_attack)
-from methods.evaluation import evaluate_defenses, replay_draws, run_attack
+from methods.defenses.evaluate import evaluate_defenses, replay_draws
+from methods.eval_core import run_attack
 from methods.measure import make_meter
 from methods.registry import ATTACKS, DEFENSES
 from methods.runtime import cpu_generator

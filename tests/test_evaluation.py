@@ -5,7 +5,8 @@ import torch
 
 from methods.attack_specs import AttackSpecError
 from methods.config import config_hash, resolve_cell, resolve_evaluation
-from methods.evaluation import accuracy_ci, accuracy_record, check_adversarial, evaluate_cell
+from methods.eval_core import accuracy_ci, accuracy_record, check_adversarial
+from methods.evaluation import evaluate_cell
 from methods.results import read_result
 from methods.subsets import stratified_subset
 from methods.threat import ThreatModel

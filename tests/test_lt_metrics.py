@@ -146,7 +146,7 @@ def test_group_counts_equal_a_direct_count_and_refuse_bad_ids():
 
 
 def test_clean_predictions_match_the_evaluation_argmax():
-    from methods.evaluation import predict
+    from methods.eval_core import predict
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     x = torch.rand(23, 3, 2, 2)
