@@ -4,7 +4,9 @@ For every ``eval_*.json`` matched by ``results_glob`` (relative paths are under 
 root) and the ``train.json`` beside it:
 
 * y: the accuracy under the strongest untargeted PGD column at the evaluation's own threat
-  (most steps x restarts; a spec with its own ``eps`` / ``norm`` or ``targeted`` is skipped),
+  (most steps x restarts; a spec with its own ``eps`` / ``norm`` or ``targeted`` is skipped,
+  and so is every metric of an evaluation-time defence -- keys ``"<defence> | <attack> |
+  <mode>"``, which carry a ``defense`` block: the plot is about the trained model itself),
   or ``pgd_metric`` if set, and, where present, under AutoAttack;
 * x: the training cost of the cell's ``train`` measurement window (path ``train`` or
   ``run/train``), plus the ``train/epoch_*`` windows of earlier sessions (``measurement.previous_sessions``) when the cell was resumed.
@@ -67,7 +69,7 @@ def _strongest_pgd(metrics: Dict[str, Any], wanted: Optional[str]) -> Optional[s
         return wanted if wanted in metrics else None
     plain = lambda a: (a.get("name") == "pgd" and not a.get("targeted")
                        and a.get("eps") is None and a.get("norm") is None)
-    pgd = [k for k, v in metrics.items() if plain(v.get("attack") or {})]
+    pgd = [k for k, v in metrics.items() if plain(v.get("attack") or {}) and not v.get("defense")]
     strength = lambda k: (int(metrics[k]["attack"].get("steps", 0))
                           * int(metrics[k]["attack"].get("restarts", 1)), k)
     return max(pgd, key=strength) if pgd else None

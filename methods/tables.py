@@ -15,7 +15,8 @@ its own file.  Each CSV row names its training and evaluation identity (``train_
 Recipe *annotations* (``paper``, ``notes`` and the ``published.rows`` a recipe reproduces;
 :func:`methods.config.recipe_annotations`) come from the workflow config, not from any result
 file, because they are part of no identity.  Where a recipe names published rows, they are
-matched against the published CSVs (``paper_tables/published/*.csv``) by dataset and eps
+matched against the published CSVs (``paper_tables/published/*.csv``) by dataset -- source and
+scenario (plain, long tail with the row's imbalance ratio), :data:`PUBLISHED_DATASETS` -- and eps
 (:func:`published_for`) and set beside the reproduced numbers.
 
 This module, :mod:`methods.cost_plot`, :mod:`methods.eps_curves` and
@@ -25,6 +26,8 @@ labels come from :mod:`methods.attack_specs`).
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -57,21 +60,56 @@ def load_published(paths: List[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-# How the published CSVs spell the datasets a cell may use.
-PUBLISHED_DATASET = {"mnist5k": "MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
-                     "cifar100": "CIFAR-100", "svhn": "SVHN"}
+#: How the published CSVs name the datasets a cell may use: CSV name (the text before any
+#: " (", so "CIFAR-10 (inferred; ...)" is CIFAR-10) -> (the cell sources it covers, the variant
+#: block the cell's dataset entry must carry: ``None`` for a plain dataset -- no long tail, no
+#: label noise -- or ``"long_tail"``).  "CIFAR-LT" is a row that does not say which CIFAR.
+PUBLISHED_DATASETS: Dict[str, tuple] = {
+    "MNIST": (("mnist", "mnist5k"), None),
+    "CIFAR-10": (("cifar10",), None),
+    "CIFAR-100": (("cifar100",), None),
+    "SVHN": (("svhn",), None),
+    "CIFAR-10-LT": (("cifar10",), "long_tail"),
+    "CIFAR-100-LT": (("cifar100",), "long_tail"),
+    "CIFAR-LT": (("cifar10", "cifar100"), "long_tail"),
+}
+#: Dataset-entry blocks that make a dataset a variant of its source (see PUBLISHED_DATASETS).
+DATASET_VARIANTS = ("long_tail", "label_noise")
+#: A row whose ``variant`` names an imbalance ratio ("imbalance 100:1") matches only cells whose
+#: ``long_tail.imbalance_factor`` is that ratio.
+IMBALANCE = re.compile(r"\bimbalance\s+(\d+(?:\.\d+)?)\s*:\s*1\b")
+
+
+def dataset_matches(row: Mapping[str, Any], dataset: Mapping[str, Any]) -> bool:
+    """Whether published ``row`` (its ``dataset`` and ``variant`` columns) is about the cell's
+    ``dataset`` entry (``{"source": ..., "long_tail": {...}, ...}``): same source, same scenario
+    (:data:`PUBLISHED_DATASETS`), and the row's imbalance ratio if it names one."""
+    known = PUBLISHED_DATASETS.get(str(row.get("dataset", "")).split(" (")[0].strip())
+    if known is None:
+        return False
+    sources, scenario = known
+    if dataset.get("source") not in sources:
+        return False
+    variants = {k for k in DATASET_VARIANTS if dataset.get(k)}
+    if variants != ({scenario} if scenario else set()):
+        return False
+    ratio = IMBALANCE.search(str(row.get("variant", "")))
+    if ratio:
+        factor = (dataset.get("long_tail") or {}).get("imbalance_factor")
+        if factor is None or abs(float(factor) - float(ratio.group(1))) > 1e-9:
+            return False
+    return True
 
 
 def published_for(cell: Dict[str, Any], annotation: Optional[Mapping[str, Any]],
                   published: pd.DataFrame) -> List[Dict[str, Any]]:
     """Published rows a recipe's annotation says it reproduces (``annotation["published"]
     ["rows"]``: each a mapping of published-CSV column -> value), restricted to the cell's
-    dataset and, where the row states one, the cell's training eps.  ``annotation`` ``None``
-    (or without rows): none."""
+    dataset (:func:`dataset_matches`) and, where the row states one, the cell's training eps.
+    ``annotation`` ``None`` (or without rows): none."""
     wanted = ((annotation or {}).get("published") or {}).get("rows", [])
     if published.empty or not wanted:
         return []
-    dataset = PUBLISHED_DATASET.get(cell["dataset"].get("source", ""), "")
     eps = float(cell["threat"]["eps"])
     out = []
     for w in wanted:
@@ -82,12 +120,14 @@ def published_for(cell: Dict[str, Any], annotation: Optional[Mapping[str, Any]],
                                   f"(columns: {sorted(published.columns)})")
             hit = hit[hit[key].astype(str) == str(value)]
         for row in hit.to_dict("records"):
-            if str(row.get("dataset", "")).split(" (")[0].strip() != dataset:
-                continue  # e.g. "CIFAR-10 (inferred; ...)" counts as CIFAR-10
+            if not dataset_matches(row, cell["dataset"]):
+                continue
             try:
                 row_eps = number(str(row.get("eps")), "published eps")
             except ConfigError:
                 row_eps = None  # 'n/a' or a range: no epsilon to compare
+            if row_eps is not None and math.isnan(row_eps):
+                row_eps = None  # a CSV without an eps column, read beside one with it
             if row_eps is None or abs(row_eps - eps) < 1e-9:
                 out.append(row)
     return out

@@ -108,6 +108,45 @@ def test_published_rows_come_from_the_annotation_and_match_dataset_and_eps_exact
     assert published_for({**cell, "threat": {"eps": 2 / 255}}, annotation, pub) == []
 
 
+IADA_CSV = REPO_ROOT / "paper_tables/published/iada_mixup_layerwise_batchout.csv"
+
+
+def _lt(source, factor):
+    return {"name": f"{source}-lt{factor}", "source": source,
+            "long_tail": {"imbalance_factor": factor, "meta_per_class": 10}}
+
+
+def test_long_tail_rows_match_long_tail_cells_of_their_source_and_imbalance():
+    """"CIFAR-LT" (either CIFAR) and "CIFAR-100-LT" rows match only cells with a long_tail block
+    of the row's imbalance ratio; plain "CIFAR-10" rows only plain cells."""
+    pub = load_published([IADA_CSV, PUBLISHED_CSV])
+    eps = {"eps": 8 / 255}
+    meta_iada = {"published": {"rows": [{"paper": "IADA/Meta-IADA (Zhou et al., IJCAI 2024)",
+                                         "method": "Meta-IADA"}]}}
+    def values(dataset, annotation):
+        return [r["value"] for r in published_for({"dataset": dataset, "threat": eps}, annotation, pub)]
+    assert values(_lt("cifar100", 100), meta_iada) == ["52.18"]   # CIFAR-LT, "imbalance 100:1"
+    assert values(_lt("cifar10", 100), meta_iada) == ["52.18"]    # the row does not say which CIFAR
+    assert values(_lt("cifar100", 50), meta_iada) == []            # another ratio
+    assert values({"source": "cifar100"}, meta_iada) == []         # no long tail
+    assert values({"source": "svhn", "long_tail": {"imbalance_factor": 100}}, meta_iada) == []
+    noisy = {"source": "cifar100", "label_noise": {"kind": "flip", "rate": 0.2, "meta_per_class": 10}}
+    assert values(noisy, meta_iada) == []
+    # A named CIFAR-100-LT row: its own source and ratio only.
+    gla = {"published": {"rows": [{"paper": "GLA/CALA (Zhou, Wu, Yang; AAAI 2025) - CONTEXT, "
+                                            "sibling paper of IADA's first author",
+                                   "variant": "imbalance 10:1"}]}}
+    assert values(_lt("cifar100", 10), gla) and all(
+        r["dataset"] == "CIFAR-100-LT" for r in
+        published_for({"dataset": _lt("cifar100", 10), "threat": eps}, gla, pub))
+    assert values(_lt("cifar100", 100), gla) == [] and values({"source": "cifar100"}, gla) == []
+    # A plain CIFAR-10 row is not set beside a long-tail or noisy CIFAR-10 cell.
+    lp = {"published": {"rows": [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]}}
+    assert sorted(values({"source": "cifar10"}, lp)) == ["49.51", "81.64"]
+    assert values(_lt("cifar10", 100), lp) == []
+    assert values({**noisy, "source": "cifar10"}, lp) == []
+
+
 def test_aggregate_sets_published_rows_and_notes_from_the_annotations(tmp_path):
     path, _, _ = write_eval(tmp_path, "nfgsm_c10", [(PGD, (5, 5))], eps=8 / 255, source="cifar10")
     rows = [{"paper": "lp-FGSM README (third-party report of N-FGSM)", "eps": "8/255"}]
@@ -183,3 +222,22 @@ def test_defence_metric_keys_render_as_columns():
     cells = _columns(next(l for l in md.splitlines() if l.startswith("| cifar10")))
     assert len(cells) == len(header) and cells[8] == "84.0" and cells[9].startswith("45.0 [")
     assert row["MI-OL | clean_acc"] == 0.84 and row["masking_verdict"] == "n/a"
+
+
+def test_cost_plot_strongest_pgd_is_the_base_models_never_a_defences():
+    """Evaluation-time defences write PGD metrics too ("<defence> | <attack> | <mode>", with a
+    ``defense`` block); the cost plot's strongest PGD is the undefended model's."""
+    from methods.cost_plot import _strongest_pgd
+    from tests.test_masking_report import C10, PGD10, metric, record
+
+    defense = {"label": "MI-OL", "randomized": True}
+    pgd200 = {**PGD10, "steps": 200}
+    label200, m200 = metric(pgd200, 300, 1000, C10)
+    extra = {f"MI-OL | {label200} | oblivious": {**m200, "defense": defense},
+             f"MI-OL | {label200} | adaptive-EOT-20": {**m200, "defense": defense}}
+    ev = record("mixup_mi_cifar", 900, [(PGD10, 30), ({**PGD10, "steps": 50}, 20)], extra_metrics=extra)
+    assert _strongest_pgd(ev["metrics"], None) == "PGD-50-1-alpha=2/255"
+    # Only defence metrics: no PGD point (not a defended number in its place).
+    only = {k: v for k, v in ev["metrics"].items() if k == "clean" or k.startswith("MI-OL")}
+    assert _strongest_pgd(only, None) is None
+    assert _strongest_pgd(ev["metrics"], f"MI-OL | {label200} | oblivious") is not None  # asked for
