@@ -1,16 +1,21 @@
-"""The shipped configs and recipes: every cell resolves and builds its method, sweeps belong to
-the recipe that declares them, the paper matrix follows the official scripts (N-FGSM
-experiments.sh, train.py's SVHN branch, BB's schedules), and published links name CSV rows."""
+"""The shipped configs and recipes: every cell resolves and builds its method (and its evaluation),
+sweeps belong to the recipe that declares them, the paper matrix follows the official scripts
+(N-FGSM experiments.sh, train.py's SVHN branch, BB's schedules) and holds the mixing / BatchOut /
+IADA papers' cells, and published links name CSV rows."""
 import csv
 from pathlib import Path
 
 import pytest
 
 from methods.builders import build_method, build_threat
-from methods.config import REPO_ROOT, iter_cells, load_recipes, load_yaml, resolve_cell
+from methods.config import (REPO_ROOT, iter_cells, load_recipes, load_yaml, recipe_annotations,
+                            resolve_cell, resolve_evaluation)
+from methods.data.spec import parse_spec
+from methods.registry import DATASETS
+from methods.tables import load_published, published_for
 
 CONFIG_DIR = REPO_ROOT / "workflow" / "config"
-RUN_CONFIGS = ["default", "smoke", "paper", "ablations"]
+RUN_CONFIGS = ["default", "smoke", "paper", "ablations", "iada_grid"]
 
 
 def config(name):
@@ -43,6 +48,9 @@ def test_every_listed_recipe_resolves_and_builds_its_method(name):
         assert cell["method"] == method
         built = build_method(cell, build_threat(cell["threat"]))   # unknown method_args raise
         assert built.name == method
+        parse_spec(dataset, cfg["datasets"][dataset])               # a bad dataset entry raises
+    for recipe in {r for *_, r, _ in cells}:
+        resolve_evaluation(cfg, recipe, recipes)   # attack / defence specs of the recipe validate
 
 
 def test_every_bench_recipe_resolves():
@@ -112,14 +120,144 @@ def test_paper_nfgsm_cells_are_exactly_experiments_sh(paper):
                    for key, grid in EXPERIMENTS_SH.items()}
 
 
+def _held_out_by_protocol(spec):
+    """A val split the protocol itself defines: the balanced meta set of a long-tail or
+    meta-set noisy-label dataset, or a source's official validation split."""
+    return (spec.long_tail is not None or spec.meta_per_class is not None
+            or getattr(DATASETS.get(spec.source), "official_val", False))
+
+
 @pytest.mark.parametrize("name", ["paper", "ablations"])
 def test_cifar_and_svhn_train_on_the_full_training_set(name):
     """No official code holds images out (N-FGSM only with --validation-early-stop, which its
-    experiments.sh never passes), so every dataset a cell uses has val_size 0."""
+    experiments.sh never passes), so every dataset a cell uses has val_size 0 -- except where
+    the val split IS the protocol's: the meta set of the long-tail / noisy-label entries (10
+    clean images per class, Meta-Weight-Net / Meta-CALA) and Waterbirds' / CelebA's official
+    validation split."""
     cfg = config(name)
     used = {d for d, *_ in iter_cells(cfg)}
+    exempt = set()
     for d in used:
-        assert cfg["datasets"][d]["val_size"] == 0, d
+        spec = parse_spec(d, cfg["datasets"][d])
+        if _held_out_by_protocol(spec):
+            assert "val_size" not in cfg["datasets"][d], d
+            exempt.add(d)
+        else:
+            assert cfg["datasets"][d]["val_size"] == 0, d
+    if name == "paper":
+        assert {"cifar100-lt100", "cifar10-sym40", "cifar10-flip20", "waterbirds-32"} <= exempt
+
+
+# ----------------------------------------------------------------------------- the papers of issues 9-10
+MIXING = {("cifar10", "prn18-bb"): {"mm_none_cifar", "mm_input_cifar", "mm_manifold_cifar",
+                                    "mixup_cifar", "iat_cifar", "iat_manifold_cifar"},
+          ("cifar10", "prn18"): {"mixup_mi_cifar", "iat_mi_cifar"},
+          ("cifar100", "prn18"): {"mixup_mi_cifar", "iat_mi_cifar"}}
+BATCHOUT_CIFAR = {"standard_vgg", "batchout_n_1", "batchout_n_2", "batchout_n_3", "batchout_n_neg2",
+                  "batchout_n_neg3", "batchout_alt_1", "batchout_alt_2", "batchout_alt_3",
+                  "batchout_alt_neg2", "batchout_alt_neg3", "batchout_alt_2_c",
+                  "batchout_alt_2p5_c", "batchout_alt_2_diffclass", "batchout_all_middle_2",
+                  "batchout_all_middle_3", "batchout_random_3_neg2", "batchout_random_3_neg2_0",
+                  "batchout_all_middle_random_2_neg2_0_c", "batchout_paper_cifar"}
+IADA_FAMILY = {"ce_iada_cifar", "mixup_iada_cifar", "isda_iada_cifar", "iada_cifar",
+               "iada_classwise_cifar", "meta_iada_cifar"}
+IADA_SCENARIOS = [f"{c}-{v}" for c in ("cifar10", "cifar100")
+                  for v in ("lt100", "lt50", "lt10", "sym40", "sym60", "flip20", "flip40")]
+META_IADA_ABLATIONS = {"meta_iada_cifar_alpha-a01", "meta_iada_cifar_alpha-a025",
+                       "meta_iada_cifar_alpha-a075", "meta_iada_cifar_alpha-a1",
+                       "meta_iada_cifar_gradient", "meta_iada_cifar_clamp5",
+                       "meta_iada_cifar_interval1", "meta_iada_cifar_noramp",
+                       "meta_iada_cifar_mwn_lookahead"}
+
+
+def _by_dataset_arch(cells):
+    got = {}
+    for c in cells:
+        got.setdefault((c["dataset"]["name"], c["arch"]["name"]), set()).add(c["recipe"])
+    return got
+
+
+def test_paper_holds_the_mixing_batchout_and_iada_cells(paper):
+    cfg, _, cells = paper
+    got = _by_dataset_arch(cells)
+    for key, recipes in MIXING.items():
+        assert recipes <= got[key], key
+    for arch in ("vgg19bn", "vgg19bn-tied"):
+        assert got[("cifar10", arch)] == BATCHOUT_CIFAR
+    assert cfg["archs"]["vgg19bn"] == {"model": "vgg19_bn"}
+    assert cfg["archs"]["vgg19bn-tied"] == {"model": "vgg19_bn", "tied": True}
+    assert "batchout_paper_mnist" in got[("mnist", "smallcnn")]
+    for source in ("cifar10", "cifar100"):
+        assert {"isda_wrn_cifar", "ce_wrn_isda_cifar"} <= got[(source, "wrn28-10-bb")]
+    for d in IADA_SCENARIOS + ["waterbirds-32", "celeba-32"]:
+        expected = IADA_FAMILY | (META_IADA_ABLATIONS if d.endswith("-lt100") else set())
+        assert got[(d, "resnet32")] == expected, d
+    # The scenario entries: the meta set of 10 per class, the noise kinds and rates.
+    ds = cfg["datasets"]
+    assert ds["cifar100-lt50"]["long_tail"] == {"imbalance_factor": 50, "meta_per_class": 10}
+    assert ds["cifar10-sym60"]["label_noise"] == {"kind": "symmetric", "rate": 0.6,
+                                                  "include_true_class": True, "meta_per_class": 10}
+    assert ds["cifar100-flip40"]["label_noise"] == {"kind": "flip", "rate": 0.4, "meta_per_class": 10}
+    # resnet32 takes 28x28 / 32x32 only, so the group-shift sources are stored at 32x32.
+    assert ds["waterbirds-32"] == {"source": "waterbirds", "image_size": 32}
+    assert ds["celeba-32"] == {"source": "celeba", "image_size": 32}
+
+
+def test_mixup_inference_recipes_evaluate_the_mi_defences(paper):
+    cfg, recipes, _ = paper
+    def labels(recipe):
+        ev = resolve_evaluation(cfg, recipe, recipes)
+        return [d["name"] for d in ev["defenses"]], ev
+    names, ev = labels("mixup_mi_cifar")
+    assert names == ["identity", "mi_ol", "mi_combined", "gaussian", "rotation", "xie", "guo"]
+    assert len(ev["defense_attacks"]) == 6 and ev["defense_autoattack"]["version"] == "rand"
+    names, ev = labels("iat_mi_cifar")
+    assert names == ["identity", "mi_ol", "gaussian", "rotation", "xie", "guo"]
+    assert ev["defenses"][1]["lam"] == 0.6
+    assert "defenses" not in resolve_evaluation(cfg, "mixup_cifar", recipes)
+
+
+def test_paper_evaluation_has_the_fgsm_eps_grid(paper):
+    cfg, recipes, _ = paper
+    attacks = resolve_evaluation(cfg, "standard_cifar", recipes)["attacks"]
+    linf = sorted(round(a["eps"] * 255) for a in attacks
+                  if a["name"] == "fgsm" and a["eps"] is not None and a["norm"] is None)
+    assert linf == [1, 2, 3, 4, 5, 6, 7]
+    assert any(a["name"] == "fgsm" and a["norm"] == "l2" and a["eps"] == 0.5 for a in attacks)
+    assert any(a["name"] == "fgsm" and a["eps"] is None for a in attacks)        # plain FGSM kept
+    assert any(a["name"] == "pgd" and a["steps"] == 50 and a["restarts"] == 10 for a in attacks)
+
+
+def test_the_published_meta_iada_row_sits_beside_cifar100_lt100(paper):
+    """The IADA CSV's one row (52.18%, dataset "CIFAR-LT", variant "imbalance 100:1") is set
+    beside meta_iada_cifar on cifar100-lt100, and on no other ratio or clean dataset."""
+    cfg, recipes, cells = paper
+    pub = load_published([REPO_ROOT / p for p in cfg["published"]])
+    annotations = recipe_annotations(recipes, [c["recipe"] for c in cells])
+    shown = {}
+    for c in cells:
+        for row in published_for(c, annotations[c["recipe"]], pub):
+            if str(row["value"]) == "52.18":
+                shown.setdefault(c["recipe"], set()).add(c["dataset"]["name"])
+    assert set(shown) == {"meta_iada_cifar"}
+    assert "cifar100-lt100" in shown["meta_iada_cifar"]
+    assert shown["meta_iada_cifar"] <= {"cifar100-lt100", "cifar10-lt100"}   # CIFAR-10 vs -100 unstated
+
+
+def test_iada_grid_is_every_scenario_times_the_family():
+    cfg = config("iada_grid")
+    scenarios = ["mnist5k-lt100", "mnist5k-lt50", "mnist5k-lt10", "mnist5k-sym40",
+                 "mnist5k-sym60", "mnist5k-flip20", "mnist5k-flip40", "cmnist5k-90"]
+    family = ["standard_mnist", "mixup_mnist", "isda_mnist", "iada_mnist",
+              "iada_classwise_mnist", "meta_iada_mnist"]
+    cells = list(iter_cells(cfg))
+    assert sorted((d, r) for d, _, _, r, _ in cells) == sorted((d, r) for d in scenarios for r in family)
+    assert {a for _, a, *_ in cells} == {"smallcnn-w0.5"}
+    # The scenarios default.yaml also runs are the same entries (same training identity).
+    default = config("default")["datasets"]
+    for d in set(default) & set(cfg["datasets"]):
+        assert default[d] == cfg["datasets"][d], d
+    assert cfg["evaluation"] == config("default")["evaluation"]
 
 
 def test_the_1k_holdout_stays_available_as_a_dataset_option():
@@ -190,12 +328,13 @@ def test_every_published_link_names_existing_csv_rows(name):
     matches at least one row."""
     cfg = config(name)
     rows = _published_rows(cfg)
+    columns = set().union(*(row.keys() for row in rows))   # the CSVs' columns differ
     recipes = load_recipes(cfg)
     for recipe in {r for *_, r, _ in iter_cells(cfg)}:
         for link, _ in _links(recipes[recipe]):
             assert "eps" not in link, recipe
-            assert rows and set(link) <= set(rows[0]), (recipe, link)
-            assert any(all(str(row[k]) == str(v) for k, v in link.items()) for row in rows), \
+            assert rows and set(link) <= columns, (recipe, link)
+            assert any(all(str(row.get(k)) == str(v) for k, v in link.items()) for row in rows), \
                 (recipe, link)
 
 
