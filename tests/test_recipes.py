@@ -1,7 +1,7 @@
 """The shipped configs and recipes: every cell resolves and builds its method (and its evaluation),
 sweeps belong to the recipe that declares them, the paper matrix follows the official scripts
 (N-FGSM experiments.sh, train.py's SVHN branch, BB's schedules) and holds the mixing / BatchOut /
-IADA papers' cells, and published links name CSV rows."""
+layer-wise / IADA papers' cells, and published links name CSV rows."""
 import csv
 from pathlib import Path
 
@@ -177,7 +177,7 @@ def _by_dataset_arch(cells):
     return got
 
 
-def test_paper_holds_the_mixing_batchout_and_iada_cells(paper):
+def test_paper_holds_the_mixing_batchout_layerwise_and_iada_cells(paper):
     cfg, _, cells = paper
     got = _by_dataset_arch(cells)
     for key, recipes in MIXING.items():
@@ -188,7 +188,11 @@ def test_paper_holds_the_mixing_batchout_and_iada_cells(paper):
     assert cfg["archs"]["vgg19bn-tied"] == {"model": "vgg19_bn", "tied": True}
     assert "batchout_paper_mnist" in got[("mnist", "smallcnn")]
     for source in ("cifar10", "cifar100"):
+        assert {"layerwise_cifar", "layerwise_pgd_cifar", "standard_cifar",
+                "pgd10_cifar"} <= got[(source, "wrn28-10")]
         assert {"isda_wrn_cifar", "ce_wrn_isda_cifar"} <= got[(source, "wrn28-10-bb")]
+    assert {"layerwise_mnist_full", "layerwise_pgd_mnist_full",
+            "pgd40_mnist_full"} <= got[("mnist", "wrn28-10")]
     for d in IADA_SCENARIOS + ["waterbirds-32", "celeba-32"]:
         expected = IADA_FAMILY | (META_IADA_ABLATIONS if d.endswith("-lt100") else set())
         assert got[(d, "resnet32")] == expected, d
