@@ -9,7 +9,7 @@ rule aggregate:
         run=r"[^/]+",
     params:
         published=config.get("published", []),
-        annotations=annotations(),
+        annotations=lambda wildcards: annotations(),
     log:
         f"{RESULTS}/logs/aggregate/{{run}}.log",
     shell:
