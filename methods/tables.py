@@ -36,6 +36,7 @@ import pandas as pd
 from .attack_specs import attack_label
 from .config import ConfigError, number
 from .eps_curves import curves
+from .lt_metrics import summarize
 from .masking_report import MASKING_GAP_POINTS
 from .masking_report import verdict as masking_verdict
 from .results import atomic_write_text, read_result
@@ -165,6 +166,7 @@ def row_from_record(ev: Mapping[str, Any], tr: Optional[Mapping[str, Any]] = Non
     row["_aa"] = aa
     row["_cell"] = cell
     row["_record"] = ev
+    row["_train"] = tr
     return row
 
 
@@ -271,12 +273,62 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
                   "budget unless the recipe says so):", "",
                   "| recipe | paper | dataset | method | attack | metric | value | source |",
                   "|---|---|---|---|---|---|---|---|"] + sorted(set(published_lines))
+    lines += scenario_lines(rows, key)
     notes = [f"| {name} | {_cell_text(a.get('paper'))} | {_cell_text(a.get('notes'))} |"
              for name, a in sorted(annotations.items())
              if name in {r["recipe"] for r in rows} and (a.get("paper") or a.get("notes"))]
     if notes:
         lines += ["", "Recipes:", "", "| recipe | paper | notes |", "|---|---|---|"] + notes
     return "\n".join(lines) + "\n"
+
+
+#: Dataset entries whose rows get the long-tail / noisy-label / shift metrics.
+SCENARIO_FIELDS = ("long_tail", "label_noise", "spurious")
+
+
+def _scenario(row: Mapping[str, Any]) -> bool:
+    dataset = row["_cell"]["dataset"]
+    return any(dataset.get(f) for f in SCENARIO_FIELDS) or "waterbirds" in dataset.get("source", "") \
+        or "celeba" in dataset.get("source", "")
+
+
+def _acc_text(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def scenario_lines(rows: List[Dict[str, Any]], key) -> List[str]:
+    """The long-tail / noisy-label / subpopulation-shift rows (:mod:`methods.lt_metrics`, from
+    the evaluation file and the ``train.json`` beside it): clean top-1, many / medium / few-shot
+    and worst-group accuracy, ECE, and the same top-1 / few / worst-group under AutoAttack."""
+    picked = [r for r in sorted(rows, key=key) if _scenario(r) and r.get("_train")]
+    if not picked:
+        return []
+    out = ["", "Long-tail, noisy-label and shift metrics (`methods/lt_metrics.py`; shot thresholds "
+           "many: more, few: fewer training images than the row's thresholds, the literature's "
+           "100 / 20 scaled by n_max / 500; worst group over the dataset's recorded groups):", "",
+           "| dataset | recipe | ckpt | clean | many | medium | few | worst group | ECE | "
+           "AutoAttack | AA few | AA worst group | thresholds (many, few) |",
+           "|" + "---|" * 13]
+    for r in picked:
+        try:
+            summary = summarize(r["_record"], r["_train"])
+        except ValueError as e:   # an older file without per-class counts
+            out.append(f"| {r['dataset']} | {r['recipe']} | {r['checkpoint']} | n/a ({_cell_text(e)}) |"
+                       + " |" * 9)
+            continue
+        res = summary["results"]
+        clean, aa = res.get("clean", {}), res.get("AutoAttack")
+        shots = summary["shots"]
+        def wg(x):
+            return _acc_text((x.get("worst_group") or {}).get("acc")) if x and "worst_group" in x else "n/a"
+        out.append("| " + " | ".join([
+            r["dataset"], r["recipe"], r["checkpoint"], _acc_text(clean.get("top1")),
+            *(_acc_text(clean.get(b, {}).get("acc")) for b in ("many", "medium", "few")),
+            wg(clean), "n/a" if clean.get("ece") is None else f"{clean['ece']:.3f}",
+            _acc_text(aa.get("top1")) if aa else "not run",
+            _acc_text(aa.get("few", {}).get("acc")) if aa else "n/a", wg(aa),
+            f"{shots['many_threshold']:g}, {shots['few_threshold']:g}"]) + " |")
+    return out
 
 
 def _cell_text(text: Any) -> str:

@@ -241,3 +241,27 @@ def test_cost_plot_strongest_pgd_is_the_base_models_never_a_defences():
     only = {k: v for k, v in ev["metrics"].items() if k == "clean" or k.startswith("MI-OL")}
     assert _strongest_pgd(only, None) is None
     assert _strongest_pgd(ev["metrics"], f"MI-OL | {label200} | oblivious") is not None  # asked for
+
+
+def test_scenario_rows_get_shot_group_and_calibration_metrics(tmp_path):
+    """A long-tailed cell's row appears in the scenario section with many / medium / few-shot
+    accuracy computed from its per-class counts and the train class counts beside it."""
+    from methods.tables import scenario_lines
+
+    counts = [390, 233, 140, 84, 50, 30, 18, 10, 6, 3]
+    per_class = {"correct": [90, 80, 70, 60, 50, 40, 30, 20, 10, 0], "total": [100] * 10}
+    ev = {"cell": {"dataset": {"name": "lt", "source": "mnist5k",
+                               "long_tail": {"imbalance_factor": 100}}},
+          "checkpoint": {"name": "last"},
+          "metrics": {"clean": {"acc": 0.45, "correct": 450, "n": 1000, "per_class": per_class}},
+          "autoattack": None}
+    tr = {"data": {"splits": {"train": {"class_counts": counts}}}}
+    row = {"dataset": "lt", "recipe": "r", "checkpoint": "last", "_cell": ev["cell"],
+           "_record": ev, "_train": tr, "arch": "a", "method": "m", "seed": 0}
+    lines = scenario_lines([row], key=lambda r: r["recipe"])
+    body = [l for l in lines if l.startswith("| lt |")][0].split(" | ")
+    # thresholds 100 / 20 scaled by 390 / 500: many > 78 (classes 0-3), few < 15.6 (7-9)
+    assert body[3:7] == ["45.0", "75.0", "40.0", "10.0"]
+    assert body[-1].startswith("78, 15.6")
+    plain = dict(row, _cell={"dataset": {"name": "p", "source": "mnist5k"}})
+    assert scenario_lines([plain], key=lambda r: r["recipe"]) == []
