@@ -89,6 +89,8 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     ckpt_info = train_record["checkpoints"][checkpoint]
     epoch = load_weights(Path(ckpt_info["file"]), model)
     model.eval()
+    if ecfg.get("channels_last"):   # part of the evaluation identity: other kernels, same function
+        model = model.to(memory_format=torch.channels_last)
     digest_before = buffers_digest(model)
     base_threat = threat_dict(build_threat(ecfg.get("threat", cell["threat"])))
     threat = build_threat(base_threat)
@@ -161,7 +163,7 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
         "autoattack": aa,
         **({"defenses": defenses} if defenses is not None else {}),
         "guards": {"eval_mode": True, "buffers_unchanged": True, "inputs_in_unit_box": True,
-                   "eps_tolerance": TOLERANCE},
+                   "eps_tolerance": TOLERANCE, "memory_format": memory_format(model)},
         "measurement": meter.summary(),
         "provenance": provenance(cell, device, time.time() - started, ecfg),
     }
@@ -206,3 +208,13 @@ def _autoattack_block(spec, compare_pgd, model, bundle, threat, seed, bs, device
         if groups is not None:
             out["pgd_same_subset"]["per_group"] = group_counts(pgd_ok, groups, bundle.num_groups)
     return out
+
+
+def memory_format(model: torch.nn.Module) -> str:
+    """The layout the model's conv weights are in (what ``evaluation.channels_last`` asked for)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    if not weights:
+        return "no conv weights"
+    # A weight with one input channel (or 1x1 kernels) is both at once: judge by the others.
+    last = all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    return "channels_last" if last and not all(w.is_contiguous() for w in weights) else "contiguous"

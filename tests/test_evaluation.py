@@ -152,6 +152,24 @@ def test_one_evaluation_sweeps_eps_and_runs_targeted_pgd(trained):
     assert m["PGD-5-1-alpha=0.05-targeted=random"]["attack"]["targeted"] == "random"
 
 
+def test_channels_last_evaluation_is_the_same_function(trained):
+    """``evaluation.channels_last`` only picks other conv kernels: the model, every attack and
+    AutoAttack give the same per-class counts (exact on this net at these sizes), and the option
+    is part of the evaluation identity."""
+    attacks = [{"name": "fgsm"}, {"name": "pgd", "steps": 5, "alpha": 0.1, "restarts": 2}]
+    aa = {"version": "custom", "attacks": ["apgd-ce", "square"], "n": 20, "seed": 0}
+    plain = evaluation_identity(attacks=attacks, autoattack=aa)
+    fast = evaluation_identity(attacks=attacks, autoattack=aa, channels_last=True)
+    assert plain["eval_hash"] != fast["eval_hash"]
+    a = evaluate(trained, plain, "plain.json")
+    b = evaluate(trained, fast, "channels_last.json")
+    for label in ("clean", "FGSM", "PGD-5-2-alpha=0.1"):
+        assert b["metrics"][label]["per_class"] == a["metrics"][label]["per_class"], label
+    assert b["autoattack"]["per_class"] == a["autoattack"]["per_class"]
+    assert b["evaluation"]["channels_last"] is True
+    assert (a["guards"]["memory_format"], b["guards"]["memory_format"]) == ("contiguous", "channels_last")
+
+
 def test_bad_attack_specs_fail_before_anything_is_written(trained):
     root, out = trained
     with pytest.raises(AttackSpecError, match=r"evaluation.attacks\[1\]: unknown key 'stepz'"):
