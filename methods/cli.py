@@ -27,14 +27,21 @@ def _cmd_prepare(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from .training import train_cell
+    from .training import TrainingDiverged, train_cell
 
-    record = train_cell(json.loads(args.cell), Path(args.data_dir), Path(args.prepared_dir),
-                        Path(args.out_dir), Path(args.result), device=args.device,
-                        threads=args.threads, meter_backend=args.meter)
+    cell = json.loads(args.cell)
+    try:
+        record = train_cell(cell, Path(args.data_dir), Path(args.prepared_dir),
+                            Path(args.out_dir), Path(args.result), device=args.device,
+                            threads=args.threads, meter_backend=args.meter)
+    except TrainingDiverged as e:   # before any epoch finished: nothing to record
+        sys.exit(f"train {cell.get('recipe')} seed {cell.get('seed')}: {e}")
     last = record["history"][-1]
     print(f"trained {record['cell']['recipe']}: epochs={record['epochs_completed']} "
           f"val clean={last['clean_acc']:.3f} pgd={last['pgd_acc']:.3f}")
+    if record.get("diverged"):   # recorded (exit 0, so the campaign goes on): say it loudly
+        print(f"DIVERGED: {record['diverged']['message']}; the checkpoints hold epoch "
+              f"{record['diverged']['kept_epoch'] + 1}, the last finished one", file=sys.stderr)
 
 
 def _cmd_evaluate(args) -> None:

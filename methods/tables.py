@@ -157,6 +157,7 @@ def row_from_record(ev: Mapping[str, Any], tr: Optional[Mapping[str, Any]] = Non
     row["masking_verdict"] = masking_verdict(ev)
     if tr:
         row["co_detected"] = tr["catastrophic_overfitting"]["detected"]
+        row["diverged"] = (tr.get("diverged") or {}).get("message")   # None: trained to the end
         row["train_fwd_per_example"] = tr["passes"]["per_example"]["forward"]
         row["train_bwd_per_example"] = tr["passes"]["per_example"]["backward"]
         row["train_wall_s"] = tr["provenance"]["wall_s"]
@@ -252,7 +253,8 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
         aa = r["_aa"]
         passes = (f"{r['train_fwd_per_example']:.1f}+{r['train_bwd_per_example']:.1f}"
                   if "train_fwd_per_example" in r else "n/a")
-        cells = [r["dataset"], r["arch"], r["method"], r["recipe"], str(r["seed"]), r["checkpoint"],
+        ckpt = r["checkpoint"] + (" **DIVERGED**" if r.get("diverged") else "")
+        cells = [r["dataset"], r["arch"], r["method"], r["recipe"], str(r["seed"]), ckpt,
                  _pct(r["_metrics"]["clean"])] + [_pct(r["_metrics"].get(l)) for l in attack_labels]
         same = (aa or {}).get("pgd_same_subset")
         cells += [f"{_pct(aa)} ({aa['n']})" if aa else "not run",
@@ -262,6 +264,11 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
                   f"**{r['masking_verdict']}**" if r["masking_verdict"] == "masking"
                   else r["masking_verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
+    diverged = sorted({(r["recipe"], str(r["seed"]), r["diverged"]) for r in rows if r.get("diverged")})
+    if diverged:
+        lines += ["", "**DIVERGED** rows stopped training at a non-finite loss or weights; their "
+                  "checkpoints hold the last finished epoch's weights:", ""]
+        lines += [f"- {recipe} seed {seed}: {_cell_text(message)}" for recipe, seed, message in diverged]
     published_lines = []
     for r in sorted(rows, key=key):
         for p in published_for(r["_cell"], annotations.get(r["recipe"]), pub):

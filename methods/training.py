@@ -7,9 +7,26 @@ rather than hidden), measurement windows, pass counting and checkpoints.
 
 Checkpoints: ``state.pt`` holds the full training state (model, optimizer, scheduler, grad
 scaler, method state, every RNG, epoch, history) and is rewritten atomically after every epoch,
-so rerunning a killed cell resumes from the last finished epoch.  ``last.pt`` (final weights)
+so rerunning a killed cell resumes from the last finished epoch and ends bit for bit where an
+uninterrupted run ends (nothing of an unfinished epoch is kept: the rerun restores every
+generator, the global RNGs and the method's state from the file).  ``last.pt`` (final weights)
 and ``best.pt`` (weights of the epoch with the best monitored robust accuracy) are the outputs
 evaluation reads; every number downstream names which one it came from.
+
+Numerical faults: after every step the loss and the weights are checked; a NaN or infinite
+loss, or a non-finite parameter or buffer after the update (how a NaN/inf gradient shows once
+it is applied; inf gradients that a GradScaler skips leave the weights finite), stops training
+with :class:`TrainingDiverged` naming the epoch, step and method.  If an epoch had finished, the
+run is *recorded* as diverged: ``train.json`` gets ``diverged`` (epoch, step, method, value) and
+``last.pt`` / ``best.pt`` hold the last finished epoch's weights (``state.pt`` is left as that
+epoch wrote it), so a campaign keeps going and its tables show the row as diverged.  A
+divergence before any epoch finished leaves nothing to keep: the job fails with that message.
+Catastrophic overfitting (robust accuracy collapsing while the loss stays finite) is not a
+fault: it is recorded per epoch (``catastrophic_overfitting``).
+
+Progress: one log line per finished epoch (elapsed time, an estimate of what remains, training
+loss and monitored accuracies; a resumed run counts the epochs done before it) on stderr, and a
+tqdm bar over the epoch's steps when stderr is a terminal (:mod:`methods.progress`).
 """
 from __future__ import annotations
 
@@ -29,6 +46,7 @@ from .builders import TrainingParts, build_training, to_float
 from .data import DatasetBundle, augment_batch, load_dataset
 from .measure import make_meter
 from .measure.passes import sum_passes
+from .progress import Progress
 from .results import atomic_write, provenance, write_result
 from .runtime import cpu_generator, pick_device, runtime_summary, seed_everything, set_threads
 from .subsets import stratified_subset
@@ -112,6 +130,49 @@ def build_monitor(cell, bundle: DatasetBundle, threat: ThreatModel, device) -> M
                    int(spec.get("steps", 10)), alpha, int(cell["seed"]))
 
 
+# ----------------------------------------------------------------------------- faults
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or non-finite weights at a training step.
+
+    ``epoch`` and ``step`` are 0-based (as in ``history``); the message gives them 1-based with
+    their totals as well.  ``quantity`` is ``"loss"`` or ``"weights"``; ``value`` is text
+    (``"nan"``, ``"inf"``, or the first non-finite tensor), since JSON has no NaN.
+    """
+
+    def __init__(self, *, epoch: int, epochs: int, step: int, steps: int, method: str,
+                 quantity: str, value: str, note: str = "") -> None:
+        self.epoch, self.epochs, self.step, self.steps = epoch, epochs, step, steps
+        self.method, self.quantity, self.value = method, quantity, value
+        super().__init__(
+            f"training diverged in epoch {epoch + 1}/{epochs}, step {step + 1}/{steps} "
+            f"(0-based: epoch {epoch}, step {step}), method {method!r}: {quantity} is {value}"
+            + (f"; {note}" if note else ""))
+
+    def record(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "method": self.method,
+                "quantity": self.quantity, "value": self.value, "message": str(self)}
+
+
+def _watched_tensors(model: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """Parameters and floating-point buffers (BatchNorm statistics): what an update may ruin."""
+    return ([(n, p) for n, p in model.named_parameters()]
+            + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()])
+
+
+def _first_non_finite(tensors: List[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """Name of the first tensor holding a NaN or inf, or None (one device sync)."""
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors])
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0, 0])][0]
+
+
+def _number_text(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
 # ----------------------------------------------------------------------------- the loop
 def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir: Path,
                result_path: Path, *, device: Optional[str] = None, threads: Optional[int] = None,
@@ -165,19 +226,32 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         for name, g in generators.items():
             g.set_state(state["generators"][name])
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None \
+                and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, best, best_weights = state["history"], state["best"], state["best_model"]
         start_epoch = int(state["epoch"]) + 1
         previous_windows = state.get("windows", [])
 
     co_drop = float(tcfg.get("co_drop", 0.2))
     stop_on_co = bool(tcfg.get("early_stop_on_co", False))
+    progress = Progress(f"train {cell['recipe']} seed {seed}", epochs, done_before=start_epoch)
+    if start_epoch:
+        print(f"[{progress.job}] resuming after epoch {start_epoch}/{epochs} "
+              f"({ckpt_dir / STATE_FILE})", file=progress.stream, flush=True)
+    diverged: Optional[TrainingDiverged] = None
     with meter.window("train"):
         for epoch in range(start_epoch, epochs):
             if history and history[-1].get("stopped_early"):
                 break
-            with meter.window(f"epoch_{epoch:03d}"):
-                row = run_epoch(parts, loader, dev, epoch, epochs)
-                row.update(monitor(model))
+            try:
+                with meter.window(f"epoch_{epoch:03d}"):
+                    row = run_epoch(parts, loader, dev, epoch, epochs, progress=progress)
+                    row.update(monitor(model))
+            except TrainingDiverged as fault:
+                diverged = fault
+                print(f"[{progress.job}] {fault}", file=progress.stream, flush=True)
+                break
             row["catastrophic_overfitting"] = is_catastrophic_overfitting(history, row, co_drop)
             row["stopped_early"] = bool(row["catastrophic_overfitting"] and stop_on_co)
             history.append(row)
@@ -193,9 +267,30 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "method": method.state_dict(),
                 "generators": {k: g.get_state() for k, g in generators.items()},
-                "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-                "best_model": best_weights,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None,
+                "history": history, "best": best, "best_model": best_weights,
                 "windows": previous_windows + [r.to_dict() for r in meter.records()]})
+            progress.unit_done(f"epoch {epoch + 1}", 1, _epoch_detail(row))
+    if diverged is not None:
+        if not history:
+            run_window.close()
+            meter.close()
+            parts.counter.detach()
+            raise TrainingDiverged(**{k: getattr(diverged, k) for k in (
+                "epoch", "epochs", "step", "steps", "method", "quantity", "value")},
+                note="no epoch had finished, so there are no weights to keep and no result "
+                     "is written (lower the learning rate, or check the recipe)") from None
+        # The weights in memory are ruined: take the last finished epoch's from its state file
+        # (written by this session or an earlier one), which stays as it is.
+        good = _load_state(ckpt_dir / STATE_FILE, cell["train_hash"])
+        if good is None or int(good["epoch"]) != int(history[-1]["epoch"]):
+            raise RuntimeError(f"{diverged}; and {ckpt_dir / STATE_FILE} does not hold epoch "
+                               f"{history[-1]['epoch']}, the last finished one") from diverged
+        model.load_state_dict(good["model"])
+        print(f"[{progress.job}] recorded as diverged; last.pt and best.pt hold the weights of "
+              f"epoch {history[-1]['epoch'] + 1}/{epochs}, the last finished one",
+              file=progress.stream, flush=True)
     _save(ckpt_dir / BEST_FILE, {"model": best_weights, "epoch": best["epoch"]})
     _save(ckpt_dir / LAST_FILE, {"model": model.state_dict(), "epoch": history[-1]["epoch"]})
     run_window.close()
@@ -219,6 +314,8 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
                     "eps": threat.eps},
         "catastrophic_overfitting": {"detected": bool(co_epochs), "epochs": co_epochs,
                                      "threshold_drop": co_drop},
+        "diverged": (None if diverged is None else
+                     {**diverged.record(), "kept_epoch": history[-1]["epoch"]}),
         "checkpoints": {"last": {"file": str(ckpt_dir / LAST_FILE), "epoch": history[-1]["epoch"]},
                         "best": {"file": str(ckpt_dir / BEST_FILE), "epoch": best["epoch"],
                                  "selected_by": f"monitor pgd_acc on {monitor.source}"}},
@@ -227,6 +324,15 @@ def train_cell(cell: Dict[str, Any], data_dir: Path, prepared_dir: Path, out_dir
         "provenance": provenance(cell, dev, time.time() - started),
     }
     return write_result(result_path, record, "train_result.schema.json")
+
+
+def _epoch_detail(row: Dict[str, Any]) -> str:
+    loss = row.get("train_loss")
+    text = (f"train_loss {'n/a' if loss is None else f'{loss:.4f}'}  "
+            f"monitor clean {row['clean_acc']:.3f} pgd {row['pgd_acc']:.3f}")
+    if row.get("catastrophic_overfitting"):
+        text += "  catastrophic overfitting" + (" (stopping)" if row.get("stopped_early") else "")
+    return text
 
 
 def is_catastrophic_overfitting(history: List[Dict[str, Any]], row: Dict[str, Any],
@@ -241,11 +347,13 @@ def is_catastrophic_overfitting(history: List[Dict[str, Any]], row: Dict[str, An
 
 
 def run_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int,
-              epochs: int) -> Dict[str, Any]:
+              epochs: int, progress: Optional[Progress] = None) -> Dict[str, Any]:
     """One epoch of training steps over ``loader`` (the benchmarks feed it fixed batches).
 
     Each step is ``method.step`` (by default: ``method.loss`` under the run's precision, then
     the trainer's update), followed by one scheduler step whether or not the method updated.
+    A non-finite loss, or non-finite weights after the step, raises :class:`TrainingDiverged`.
+    ``progress``: draw a bar over the steps (in a terminal only).
     """
     model, method, optimizer, counter = parts.model, parts.method, parts.optimizer, parts.counter
     model.train()
@@ -257,7 +365,16 @@ def run_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int,
     loss_sum, loss_n, skipped, seen = 0.0, 0, 0, 0
     stats_sum: Dict[str, float] = {}
     lr_first = optimizer.param_groups[0]["lr"]
-    for step, (x, y, *positions) in enumerate(loader):
+    watched = _watched_tensors(model)
+    steps = len(loader)
+    batches = (progress.bar(loader, total=steps, desc=f"epoch {epoch + 1}/{epochs}")
+               if progress is not None else loader)
+
+    def fault(step: int, quantity: str, value: str) -> TrainingDiverged:
+        return TrainingDiverged(epoch=epoch, epochs=epochs, step=step, steps=steps,
+                                method=method.name, quantity=quantity, value=value)
+
+    for step, (x, y, *positions) in enumerate(batches):
         if parts.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx.step_in_epoch, ctx.stats = step, {}
@@ -269,13 +386,18 @@ def run_epoch(parts: TrainingParts, loader, device: torch.device, epoch: int,
         if loss is None:
             skipped += 1
         else:
-            loss_sum += float(loss.detach())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise fault(step, "loss", _number_text(value))
+            loss_sum += value
             loss_n += 1
+        bad = _first_non_finite(watched)
+        if bad is not None:
+            raise fault(step, "weights", f"non-finite ({bad})")
         parts.scheduler.step()
         for k, v in ctx.stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
     passes = counter.totals()
-    steps = len(loader)
     return {
         "epoch": epoch,
         "train_loss": loss_sum / loss_n if loss_n else None,
