@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from methods import training
 from methods.algorithms.batchout import BatchOut, Partner, draw_partners, mix
 from methods.attacks import pgd
 from methods.builders import build_method, build_threat
@@ -21,9 +20,8 @@ from methods.models import build_model
 from methods.models.core import HiddenLayer, sequential_hidden_layers
 from methods.registry import METHODS
 from methods.threat import ThreatModel
-from tests.helpers import TinyNet, make_ctx
+from tests.helpers import TinyNet, assert_same_training, kill_then_resume, make_ctx, run, tiny_cell
 
-from test_training import run, tiny_cell
 
 THREAT = ThreatModel("linf", 0.1)
 RECIPES = REPO_ROOT / "workflow" / "config" / "papers"
@@ -356,24 +354,15 @@ def test_every_batchout_recipe_builds_places_its_layers_and_links_published_rows
 
 # ------------------------------------------------------------------------------ resume
 
-def test_batchout_trains_and_resumes_bit_for_bit(mnist5k_prepared, tmp_path, monkeypatch):
+def test_batchout_trains_and_resumes_bit_for_bit(mnist5k_prepared, tmp_path):
     args = {"layers": [["conv1", "conv2"], "fc1"], "position": "output", "k": 0.5,
             "coefficient": "choice", "choices": [0.3, -0.2, 0.0], "probs": [0.6, 0.3, 0.1]}
     cell = tiny_cell("batchout", args)
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(parts, loader, device, epoch, epochs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(parts, loader, device, epoch, epochs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, mnist5k_prepared, tmp_path / "killed")
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
-    assert resumed["resumed_from_epoch"] == 2
+    # killed after the 2nd step of the 3rd epoch (epoch=2, step=1: 0-based); the helper checks
+    # what the kill left and that the rerun resumed from epoch 2
+    resumed = kill_then_resume(cell, mnist5k_prepared, tmp_path / "killed", epoch=2, step=1)
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
     assert ([h["method_stats"]["batchout_n"] for h in resumed["history"]]
             == [h["method_stats"]["batchout_n"] for h in straight["history"]])

@@ -28,9 +28,8 @@ from methods.models import build_model
 from methods.registry import METHODS
 from methods.runtime import Precision
 from methods.threat import ThreatModel
-from tests.helpers import TinyNet
+from tests.helpers import TinyNet, assert_same_training, kill_then_resume, rehash, run, tiny_cell
 
-from test_training import rehash, run, tiny_cell
 
 THREAT = ThreatModel("linf", 0.1)
 CPU = torch.device("cpu")
@@ -507,19 +506,10 @@ def test_killed_run_resumes_bit_for_bit_and_writes_method_state_once_per_epoch(
         assert per_epoch["meta"] == {"forward": 32 + 30, "backward": 32 + 30}   # 1 meta step of 3
         assert straight["method"]["history"] == "sample"   # the trainer passes dataset positions
 
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(parts, loader, device, epoch, epochs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(parts, loader, device, epoch, epochs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, root, tmp_path / "killed")
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, root, tmp_path / "killed")
-    assert resumed["resumed_from_epoch"] == 2
+    # killed after the 2nd step of the 3rd epoch (epoch=2, step=1: 0-based); the helper checks
+    # what the kill left and that the rerun resumed from epoch 2
+    resumed = kill_then_resume(cell, root, tmp_path / "killed", epoch=2, step=1)
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
     assert ([h["method_stats"] for h in resumed["history"]]
             == [h["method_stats"] for h in straight["history"]])

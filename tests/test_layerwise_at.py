@@ -11,15 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods.algorithms  # noqa: F401
-from methods import training
 from methods.algorithms.layerwise_at import LAYER_TYPES, LayerwiseAT, unit_view
 from methods.attacks import fgsm, pgd
 from methods.models.core import Backbone, NormalizedModel, Stage, build_model
 from methods.registry import METHODS
 from methods.threat import ThreatModel
-from tests.helpers import TinyNet, make_ctx
+from tests.helpers import TinyNet, assert_same_training, kill_then_resume, make_ctx, run, tiny_cell
 
-from test_training import run, tiny_cell
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.3, 0.5)   # distinct per channel: catches a missing 1/std
 
@@ -461,26 +459,17 @@ def test_the_paper_string_says_reconstruction():
     ({"schedule": "previous_step", "first_layer": "budget", "clean_weight": 0.2},
      {"train": 2}),                                                   # S1 + the clean term
 ])
-def test_layerwise_at_resumes_bit_for_bit(args, phases, mnist5k_prepared, tmp_path, monkeypatch):
+def test_layerwise_at_resumes_bit_for_bit(args, phases, mnist5k_prepared, tmp_path):
     cell = tiny_cell("layerwise_at", args)
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
     for h in straight["history"]:
         assert h["passes"] == {p: {"forward": n * h["examples"], "backward": n * h["examples"]}
                                for p, n in phases.items()}
 
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(parts, loader, device, epoch, epochs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(parts, loader, device, epoch, epochs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, mnist5k_prepared, tmp_path / "killed")
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
-    assert resumed["resumed_from_epoch"] == 2
+    # killed after the 2nd step of the 3rd epoch (epoch=2, step=1: 0-based); the helper checks
+    # what the kill left and that the rerun resumed from epoch 2
+    resumed = kill_then_resume(cell, mnist5k_prepared, tmp_path / "killed", epoch=2, step=1)
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
     assert ([h["train_loss"] for h in resumed["history"]]
             == [h["train_loss"] for h in straight["history"]])
     assert ([h["method_stats"] for h in resumed["history"]]

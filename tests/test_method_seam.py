@@ -15,7 +15,7 @@ from methods.algorithms.randomness import beta, permutation
 from methods.registry import METHODS
 from methods.threat import ThreatModel
 
-from test_training import run, tiny_cell
+from tests.helpers import assert_same_training, kill_then_resume, run, tiny_cell
 
 
 class LookAheadMixup(Method):
@@ -90,7 +90,7 @@ def lookahead_registered(monkeypatch):
 
 
 def test_a_setup_and_step_method_trains_and_resumes_bit_for_bit(
-        lookahead_registered, mnist5k_prepared, tmp_path, monkeypatch):
+        lookahead_registered, mnist5k_prepared, tmp_path):
     cell = tiny_cell(LookAheadMixup.name, {"alpha": 0.4})
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
     method = lookahead_registered[-1]
@@ -101,19 +101,10 @@ def test_a_setup_and_step_method_trains_and_resumes_bit_for_bit(
     assert method.lrs[0] == 0.0 and max(method.lrs) > 0
     assert straight["history"][0]["passes"]["train"]["forward"] > 0
 
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(parts, loader, device, epoch, epochs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(parts, loader, device, epoch, epochs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, mnist5k_prepared, tmp_path / "killed")
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
-    assert resumed["resumed_from_epoch"] == 2
+    # killed after the 2nd step of the 3rd epoch (epoch=2, step=1: 0-based); the helper checks
+    # what the kill left and that the rerun resumed from epoch 2
+    resumed = kill_then_resume(cell, mnist5k_prepared, tmp_path / "killed", epoch=2, step=1)
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
     assert ([h["method_stats"]["lambda"] for h in resumed["history"]]
             == [h["method_stats"]["lambda"] for h in straight["history"]])

@@ -16,7 +16,6 @@ import yaml
 from torch import nn
 
 import methods.algorithms  # noqa: F401
-from methods import training
 from methods.algorithms.mixing import LOSSES, Mix, MixedTargets, StageMix, mixed_at
 from methods.algorithms.randomness import beta
 from methods.attacks import pgd
@@ -25,9 +24,8 @@ from methods.config import REPO_ROOT, load_recipes, resolve_cell
 from methods.models.core import Backbone, NormalizedModel, Stage
 from methods.registry import METHODS
 from methods.threat import ThreatModel
-from tests.helpers import TinyNet, make_ctx
+from tests.helpers import TinyNet, assert_same_training, kill_then_resume, make_ctx, run, tiny_cell
 
-from test_training import run, tiny_cell
 
 EPS = 8 / 255
 LINF = ThreatModel("linf", EPS)
@@ -446,22 +444,13 @@ RESUMABLE = [
 @pytest.mark.parametrize("method,args", RESUMABLE,
                          ids=[f"{m}-{'-'.join(map(str, a.values())) or 'default'}"
                               for m, a in RESUMABLE])
-def test_killed_run_resumes_bit_for_bit(method, args, mnist5k_prepared, tmp_path, monkeypatch):
+def test_killed_run_resumes_bit_for_bit(method, args, mnist5k_prepared, tmp_path):
     cell = tiny_cell(method, args)
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(parts, loader, device, epoch, epochs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(parts, loader, device, epoch, epochs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, mnist5k_prepared, tmp_path / "killed")
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
-    assert resumed["resumed_from_epoch"] == 2
+    # killed after the 2nd step of the 3rd epoch (epoch=2, step=1: 0-based); the helper checks
+    # what the kill left and that the rerun resumed from epoch 2
+    resumed = kill_then_resume(cell, mnist5k_prepared, tmp_path / "killed", epoch=2, step=1)
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
     assert ([h["train_loss"] for h in resumed["history"]]
             == [h["train_loss"] for h in straight["history"]])
     assert ([h["method_stats"] for h in resumed["history"]]

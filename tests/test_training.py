@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from methods import training
-from methods.config import config_hash
 from methods.results import read_result, validate
 from methods.builders import build_schedule
-from methods.training import is_catastrophic_overfitting, train_cell
+from methods.training import is_catastrophic_overfitting
+
+# tiny_cell, rehash and run live in helpers; other test modules import them from here too.
+from tests.helpers import assert_same_training, kill_then_resume, rehash, run, tiny_cell
 
 
 def schedule_values(spec, opt_name="sgd", steps_per_epoch=5, epochs=2, lr=0.2):
@@ -58,63 +59,15 @@ def test_co_detection_compares_with_the_best_earlier_epoch():
     assert not is_catastrophic_overfitting([], {"pgd_acc": 0.0}, 0.2)
 
 
-def tiny_cell(method="nfgsm", method_args=None, epochs=3):
-    cell = {
-        "dataset": {"name": "mnist5k", "source": "mnist5k"},
-        "arch": {"name": "smallcnn-tiny", "model": "smallcnn", "width": 0.125},
-        "recipe": f"{method}_tiny", "method": method, "method_args": method_args or {},
-        "threat": {"norm": "linf", "eps": 0.3}, "normalization": "none", "augmentation": "none",
-        "train": {"epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 3,
-                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  "schedule": {"name": "cyclic", "peak_at": 0.5},
-                  "monitor": {"n": 40, "steps": 2}},
-        "seed": 3,
-        "runtime": {"amp": None, "channels_last": None, "compile": None},
-    }
-    return rehash(cell)
-
-
-def rehash(cell):
-    cell["train_hash"] = config_hash({k: v for k, v in cell.items() if k != "train_hash"})
-    return cell
-
-
-def run(cell, root, out):
-    return train_cell(cell, root / "data", root / "prepared", out, out / "train.json",
-                      device="cpu", threads=1, meter_backend="null")
-
-
-def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(mnist5k_prepared, tmp_path):
     cell = tiny_cell("bb", {"m": 2, "selection": "gs"})
     straight = run(cell, mnist5k_prepared, tmp_path / "straight")
-
-    real_epoch = training.run_epoch
-
-    def dies_in_epoch_2(*args, **kwargs):
-        if args[-2] == 2:  # epoch index
-            raise KeyboardInterrupt("killed")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(training, "run_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cell, mnist5k_prepared, tmp_path / "killed")
-    ckpts = tmp_path / "killed" / "checkpoints"
-    assert not (tmp_path / "killed" / "train.json").exists(), "no finished-looking output"
-    assert (ckpts / "state.pt").exists()
-    for output in ("best.pt", "last.pt"):  # Snakemake deletes a failed job's outputs
-        (ckpts / output).unlink(missing_ok=True)
-    monkeypatch.setattr(training, "run_epoch", real_epoch)
-    resumed = run(cell, mnist5k_prepared, tmp_path / "killed")
-
-    assert resumed["resumed_from_epoch"] == 2
+    # killed in the middle of epoch 2 (after its second step); the helper checks what the kill
+    # left: state.pt of epoch 1 only, no train.json, last.pt, best.pt or temporary file
+    resumed = kill_then_resume(cell, mnist5k_prepared, tmp_path / "killed", epoch=2, step=1)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    best_a = torch.load(tmp_path / "straight" / "checkpoints" / "best.pt", weights_only=True)
-    best_b = torch.load(ckpts / "best.pt", weights_only=True)
-    assert best_a["epoch"] == best_b["epoch"] == straight["checkpoints"]["best"]["epoch"]
-    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
+    assert_same_training(tmp_path / "straight", tmp_path / "killed", straight, resumed)
+    assert resumed["checkpoints"]["best"]["epoch"] == straight["checkpoints"]["best"]["epoch"]
 
 
 def test_changed_config_does_not_resume_from_a_stale_state(mnist5k_prepared, tmp_path):
