@@ -17,8 +17,12 @@ sys.path.insert(0, workflow.basedir)
 
 from methods.config import (cell_dir, eval_checkpoints, iter_cells, load_recipes,
                             recipe_annotations, resolve_cell, resolve_evaluation)
+from methods.config_checks import check_config
 
 configfile: "workflow/config/default.yaml"
+# Before any rule exists: one message naming the field, the value and what is allowed (the
+# schema's errors rephrased, then recipes, method_args, names, cells, attacks); then the defaults.
+check_config(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 PY = sys.executable

@@ -74,9 +74,11 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
-def load_recipes(config: Mapping[str, Any], root: Path = REPO_ROOT) -> Dict[str, Dict[str, Any]]:
-    """All recipes from ``recipe_files`` plus inline ``recipes``, ``extends`` resolved."""
-    raw: Dict[str, Dict[str, Any]] = {}
+def load_raw_recipes(config: Mapping[str, Any], root: Path = REPO_ROOT
+                     ) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The recipes as written (``extends`` and ``sweep`` unresolved) and where each comes from:
+    ``recipe_files`` in order, then the config's inline ``recipes`` (which win)."""
+    raw: Dict[str, Any] = {}
     origin: Dict[str, str] = {}
     for rel in config.get("recipe_files", []):
         path = (root / rel) if not Path(rel).is_absolute() else Path(rel)
@@ -86,6 +88,12 @@ def load_recipes(config: Mapping[str, Any], root: Path = REPO_ROOT) -> Dict[str,
             raw[name], origin[name] = body, str(rel)
     for name, body in (config.get("recipes") or {}).items():
         raw[name], origin[name] = body, "config.recipes"
+    return raw, origin
+
+
+def load_recipes(config: Mapping[str, Any], root: Path = REPO_ROOT) -> Dict[str, Dict[str, Any]]:
+    """All recipes from ``recipe_files`` plus inline ``recipes``, ``extends`` resolved."""
+    raw, _ = load_raw_recipes(config, root)
     overrides = config.get("recipe_overrides") or {}
     recipes: Dict[str, Dict[str, Any]] = {}
     for name in raw:
