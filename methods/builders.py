@@ -160,6 +160,11 @@ def to_float(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def load_weights(path: Path, model: nn.Module) -> int:
     """Load weights saved by the trainer into ``model``; returns the epoch they come from."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoints import CorruptCheckpointError, load_torch_file
+    fix = "delete it and train the cell again (python -m methods train writes it)"
+    blob = load_torch_file(path, what="weights file", fix=fix)     # weights_only=True, map_location cpu
+    if not isinstance(blob, dict) or not {"model", "epoch"} <= set(blob):
+        raise CorruptCheckpointError(f"weights file {path} is not a checkpoint written by the trainer (want a dict "
+                                     f"with 'model' and 'epoch'); {fix}", Path(path))
     model.load_state_dict(blob["model"])
     return int(blob["epoch"])

@@ -7,6 +7,7 @@ file that looks finished.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,20 +31,60 @@ TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "pyautoattack", "nvidia-ml-
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """The package's one atomic writer: call ``write(tmp)`` on a temporary path beside ``path``
     (mode 0644), flush it to disk (``fsync``), then rename it to ``path``.  Readers see either
-    the old file or the complete new one; on any error the temporary file is removed."""
+    the old file or the complete new one.
+
+    On any error the temporary file is removed and the previous ``path`` (if any) is left byte
+    for byte.  An ``OSError`` (disk full, read-only or missing directory, a parent that is a
+    file, quota...) is raised again as an ``OSError`` with the same ``errno`` (so the same
+    subclass: ``PermissionError``, ``NotADirectoryError``...) whose message and ``filename``
+    name ``path`` (also when the OSError surfaced as the cause or context of another exception, as
+    torch.save's writer does); any other exception is re-raised unchanged with a note naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    tmp: Optional[Path] = None
     try:
-        write(Path(tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        os.close(fd)
+        os.chmod(tmp, 0o644)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        cause = _os_error_in(err) if isinstance(err, Exception) else None    # not KeyboardInterrupt
+        if cause is not None:
+            raise write_error(path, cause) from err
+        if isinstance(err, Exception):
+            err.add_note(f"while writing {path} (the previous file, if any, is unchanged)")
         raise
+
+
+def _os_error_in(err: BaseException) -> Optional[OSError]:
+    """``err`` if it is an OSError, else the OSError it was raised from or while handling, if
+    any (torch.save's zip writer turns a failed ``write`` into a ``RuntimeError`` on exit)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """``err`` restated for the destination ``path`` (same errno, so the same OSError subclass)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    code = err.errno if err.errno is not None else errno.EIO
+    return OSError(code, f"could not write {path}: {reason} (the previous file, if any, is unchanged; "
+                         f"no partial file was left)", str(path))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -47,7 +47,7 @@ from .data import DatasetBundle, augment_batch, load_dataset
 from .measure import make_meter
 from .measure.passes import sum_passes
 from .progress import Progress
-from .results import atomic_write, provenance, write_result
+from .results import provenance, write_result
 from .runtime import cpu_generator, pick_device, runtime_summary, seed_everything, set_threads
 from .subsets import stratified_subset
 from .threat import ThreatModel
@@ -426,13 +426,23 @@ def _pass_summary(history: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _save(path: Path, obj: Dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """state.pt / last.pt / best.pt: temp file beside ``path``, fsync, ``os.replace``; a failed
+    write (disk full, read-only) leaves the previous file intact and raises an OSError naming ``path``."""
+    from .checkpoints import save_torch_file
+    save_torch_file(path, obj)
 
 
 def _load_state(path: Path, expected_hash: str) -> Optional[Dict[str, Any]]:
+    """The resumable state, loaded with ``weights_only=True`` (a file holding anything but tensors
+    and plain containers is refused with an error naming it, and nothing in it runs)."""
+    from .checkpoints import CorruptCheckpointError, load_torch_file
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    fix = f"delete {path} to train this cell from the start"
+    state = load_torch_file(path, what="training state", fix=fix)
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"training state {path} holds a {type(state).__name__}, not the trainer's "
+                                     f"state dict; {fix}", path)
     if state.get("train_hash") != expected_hash:
         # A different training identity trained here before: start over rather than mix the two.
         old = str(state.get("train_hash") or state.get("config_hash") or "unknown")[:12]

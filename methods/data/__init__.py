@@ -16,14 +16,14 @@ Importing this package registers every source in :data:`methods.registry.DATASET
 from . import group_sources, prepare, shift, sources, spec, splits, transforms, variants  # noqa: F401  (registers the sources)
 from .prepare import (DatasetNotPreparedError, StalePreparationError, dataset_image_shape, load_dataset,
                       prepare_dataset, read_prepared)
-from .sources import DatasetChecksumError, DatasetNotFoundError, SourceData
+from .sources import DatasetChecksumError, DatasetFormatError, DatasetNotFoundError, SourceData
 from .spec import DatasetSpec, parse_spec
 from .splits import DatasetBundle, Split
 from .transforms import augment_batch, normalization
 from .variants import corrupt_labels, long_tail_counts
 
 __all__ = [
-    "DatasetBundle", "DatasetChecksumError", "DatasetNotFoundError", "DatasetNotPreparedError", "DatasetSpec",
+    "DatasetBundle", "DatasetChecksumError", "DatasetFormatError", "DatasetNotFoundError", "DatasetNotPreparedError", "DatasetSpec",
     "SourceData", "Split", "StalePreparationError", "augment_batch", "corrupt_labels", "dataset_image_shape",
     "load_dataset",
     "long_tail_counts", "normalization", "parse_spec", "prepare_dataset", "read_prepared",

@@ -27,7 +27,10 @@ celeba      torchvision's layout ``celeba/list_attr_celeba.txt`` (line 1: the co
 
 ``indices`` are 0-based row positions in ``metadata.csv`` / ``list_attr_celeba.txt``.  There are
 no official checksums: the metadata files' sha256 and one sha256 over every image's (path,
-sha256) are recorded in the manifest (``verified: false``).
+sha256) are recorded in the manifest (``verified: false``).  Faults stop ``prepare`` with the file
+and the fix: a missing metadata file or image (:class:`DatasetNotFoundError`), a truncated or
+malformed metadata file (short rows, missing columns, non-integer codes, a count line that does
+not match) or an image PIL cannot decode (truncated, not an image) (:class:`DatasetFormatError`).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from ..registry import DATASETS
-from .sources import DatasetChecksumError, DatasetNotFoundError, Source
+from .sources import DatasetFormatError, DatasetNotFoundError, Source
 from .splits import Split
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -106,8 +109,13 @@ class GroupImageSource(Source):
         for i, rel in enumerate(names):
             blob = (root / rel).read_bytes()
             digest.update(f"{rel}\0{hashlib.sha256(blob).hexdigest()}\n".encode())
-            with Image.open(io.BytesIO(blob)) as img:
-                square = self._square(img.convert("RGB"), size)
+            try:
+                with Image.open(io.BytesIO(blob)) as img:
+                    square = self._square(img.convert("RGB"), size)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                # PIL: UnidentifiedImageError (not an image), "image file is truncated", ...
+                raise self._bad(data_dir, root / rel, f"not a readable image ({type(err).__name__}: {err}; "
+                                f"{len(blob)} bytes)") from None
             x[i] = np.asarray(square, dtype=np.uint8).transpose(2, 0, 1)
         groups = 2 * y + attr
         pools = []
@@ -123,15 +131,25 @@ class GroupImageSource(Source):
                 "groups": {"num_groups": 4, "names": list(self.group_names), "definition": self.group_definition}}
         return pools[0], pools[1], info, pools[2]
 
-    def _bad(self, path: Path, why: str) -> DatasetChecksumError:
-        return DatasetChecksumError(f"dataset source {self.name!r}: {path}: {why}")
+    def _bad(self, data_dir: Path, path: Path, why: str) -> DatasetFormatError:
+        return self.format_error(data_dir, str(path), why, path)
+
+    def _text(self, data_dir: Path, path: Path) -> str:
+        try:
+            return path.read_text()
+        except UnicodeDecodeError as err:
+            raise self._bad(data_dir, path, f"not a text file ({err})") from None
 
 
-def _binary(values: Sequence[str], path: Path, column: str, source: GroupImageSource) -> np.ndarray:
-    try:
-        out = np.array([int(v) for v in values], dtype=np.int64)
-    except ValueError:
-        raise source._bad(path, f"column {column!r} must hold integers") from None
+def _binary(values: Sequence[str], path: Path, column: str, source: GroupImageSource, data_dir: Path,
+            line_numbers: Sequence[int]) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        try:
+            out[i] = int(v)
+        except (TypeError, ValueError):
+            raise source._bad(data_dir, path, f"line {line_numbers[i]}: column {column!r} must hold an integer, "
+                              f"found {v!r}") from None
     return out
 
 
@@ -152,18 +170,32 @@ class WaterbirdsSource(GroupImageSource):
 
     def _rows(self, data_dir: Path):
         path = data_dir / self.folder / "metadata.csv"
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        reader = csv.DictReader(io.StringIO(self._text(data_dir, path), newline=""))
+        rows, lines = [], []
+        for r in reader:
+            rows.append(r)
+            lines.append(reader.line_num)
         need = ("img_filename", "y", "split", "place")
-        missing = [c for c in need if not rows or c not in rows[0]]
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise self._bad(path, f"missing column(s) {missing}; expected the group DRO header with {list(need)}")
+            raise self._bad(data_dir, path, f"missing column(s) {missing}; expected the group DRO header with "
+                            f"{list(need)}")
+        if not rows:
+            raise self._bad(data_dir, path, "no rows after the header (truncated or empty)")
+        width = len(reader.fieldnames)
+        for n, r in zip(lines, rows):
+            if None in r:
+                raise self._bad(data_dir, path, f"line {n} has more fields than the header's {width}")
+            if None in r.values():
+                have = sum(v is not None for v in r.values())
+                raise self._bad(data_dir, path, f"line {n} has {have} of the header's {width} fields "
+                                f"(truncated or malformed)")
         col = {c: [r[c] for r in rows] for c in need}
-        y, place, split = (_binary(col[c], path, c, self) for c in ("y", "place", "split"))
+        y, place, split = (_binary(col[c], path, c, self, data_dir, lines) for c in ("y", "place", "split"))
         for c, v in (("y", y), ("place", place), ("split", split)):
             allowed = (0, 1, 2) if c == "split" else (0, 1)
             if not np.isin(v, allowed).all():
-                raise self._bad(path, f"column {c!r} holds values outside {list(allowed)}")
+                raise self._bad(data_dir, path, f"column {c!r} holds values outside {list(allowed)}")
         return col["img_filename"], y, place, split
 
     def _square(self, img: Image.Image, size: int) -> Image.Image:
@@ -190,13 +222,13 @@ class CelebASource(GroupImageSource):
     def _rows(self, data_dir: Path):
         attr_path = data_dir / self.folder / "list_attr_celeba.txt"
         part_path = data_dir / self.folder / "list_eval_partition.txt"
-        lines = attr_path.read_text().splitlines()
+        lines = self._text(data_dir, attr_path).splitlines()
         if len(lines) < 2:
-            raise self._bad(attr_path, "expected a count line and an attribute-name line")
+            raise self._bad(data_dir, attr_path, "expected a count line and an attribute-name line")
         names = lines[1].split()
         for a in (self.target, self.confounder):
             if a not in names:
-                raise self._bad(attr_path, f"attribute {a!r} not in the header line")
+                raise self._bad(data_dir, attr_path, f"attribute {a!r} not in the header line")
         ti, ci = names.index(self.target), names.index(self.confounder)
         files, target, conf = [], [], []
         for n, line in enumerate(lines[2:], start=3):
@@ -204,27 +236,27 @@ class CelebASource(GroupImageSource):
             if not parts:
                 continue
             if len(parts) != len(names) + 1 or not set(parts[1:]) <= {"1", "-1"}:
-                raise self._bad(attr_path, f"line {n}: expected a file name and {len(names)} values of 1 / -1")
+                raise self._bad(data_dir, attr_path, f"line {n}: expected a file name and {len(names)} values of 1 / -1")
             files.append(parts[0])
             target.append(parts[1 + ti] == "1")
             conf.append(parts[1 + ci] == "1")
         try:
             count = int(lines[0].split()[0])
         except (ValueError, IndexError):
-            raise self._bad(attr_path, "line 1 must be the number of images") from None
+            raise self._bad(data_dir, attr_path, "line 1 must be the number of images") from None
         if count != len(files):
-            raise self._bad(attr_path, f"line 1 announces {count} images, {len(files)} lines follow")
+            raise self._bad(data_dir, attr_path, f"line 1 announces {count} images, {len(files)} lines follow")
         partition = {}
-        for line in part_path.read_text().splitlines():
+        for line in self._text(data_dir, part_path).splitlines():
             parts = line.split()
             if parts:
                 partition[parts[0]] = parts[1] if len(parts) > 1 else ""
         try:
             split = np.array([int(partition[f]) for f in files], dtype=np.int64)
         except (KeyError, ValueError) as e:
-            raise self._bad(part_path, f"no valid partition (0 / 1 / 2) for {e.args[0]!r}") from None
+            raise self._bad(data_dir, part_path, f"no valid partition (0 / 1 / 2) for {e.args[0]!r}") from None
         if not np.isin(split, (0, 1, 2)).all():
-            raise self._bad(part_path, "partitions must be 0 (train), 1 (val) or 2 (test)")
+            raise self._bad(data_dir, part_path, "partitions must be 0 (train), 1 (val) or 2 (test)")
         return ([f"img_align_celeba/{f}" for f in files], np.array(target, dtype=np.int64),
                 np.array(conf, dtype=np.int64), split)
 

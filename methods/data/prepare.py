@@ -14,8 +14,11 @@ writes into ``out_dir``:
   its presence marks a finished preparation.
 
 Both are written atomically (:func:`methods.results.atomic_write_bytes`: temp file in
-``out_dir``, fsync, then ``os.replace``).  Re-running with the same inputs leaves byte-identical
-files untouched.  ``load_dataset`` never re-draws anything: it
+``out_dir``, fsync, then ``os.replace``; a failed write -- disk full, read-only directory --
+leaves the previous file byte for byte and raises an ``OSError`` naming it).  Re-running with the
+same inputs leaves byte-identical files untouched.  ``splits.pt`` / ``images.pt`` are read back
+only after their sha256 matched the manifest, and then with ``torch.load(weights_only=True)``
+(:func:`methods.checkpoints.load_torch_file`), so a tampered file cannot run code.  ``load_dataset`` never re-draws anything: it
 reads the indices and labels back, re-verifies the source files against the digests recorded in the
 manifest, and refuses a ``prepared_dir`` made for a different spec.
 
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 import torchvision
 
+from ..checkpoints import load_torch_file
 from ..registry import DATASETS
 from ..results import atomic_write_bytes
 from .shift import GROUPINGS, colour_report, draw_colours, palette, tint
@@ -323,7 +327,11 @@ def read_prepared(prepared_dir: Path) -> Tuple[Dict[str, Any], Dict[str, torch.T
     blob = spath.read_bytes() if spath.is_file() else b""
     if hashlib.sha256(blob).hexdigest() != manifest["files"]["splits"]["sha256"]:
         raise DatasetChecksumError(f"{spath} is missing or does not match the sha256 in {mpath}; prepare again")
-    arrays = torch.load(io.BytesIO(blob), weights_only=True)
+    arrays = load_torch_file(spath, what="prepared split file", data=blob,
+                             fix=f"delete {prepared_dir} and prepare the dataset again")
+    if not isinstance(arrays, dict) or not all(isinstance(arrays.get(k), torch.Tensor) for k in _ARRAYS):
+        raise DatasetChecksumError(f"{spath} does not hold the tensors {list(_ARRAYS)}; delete {prepared_dir} and "
+                                   f"prepare the dataset again")
     return manifest, {k: arrays[k] for k in _ARRAYS + _OPTIONAL if k in arrays}
 
 
@@ -333,7 +341,12 @@ def _read_images(prepared_dir: Path, manifest: Mapping[str, Any]) -> Dict[str, t
     if not path.is_file() or _file_sha256(path) != record["sha256"]:
         raise DatasetChecksumError(f"{path} is missing or does not match the sha256 in "
                                    f"{Path(prepared_dir) / MANIFEST}; prepare again")
-    return torch.load(path, weights_only=True)
+    images = load_torch_file(path, what="prepared image file",
+                             fix=f"delete {prepared_dir} and prepare the dataset again")
+    if not isinstance(images, dict) or not all(isinstance(images.get(k), torch.Tensor) for k in SPLIT_NAMES):
+        raise DatasetChecksumError(f"{path} does not hold the image tensors {list(SPLIT_NAMES)}; delete "
+                                   f"{prepared_dir} and prepare the dataset again")
+    return images
 
 
 def _select(pool: Split, indices: torch.Tensor, what: str, labels: torch.Tensor | None = None) -> Split:
