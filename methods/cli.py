@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -101,6 +102,22 @@ def _where(p) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--meter", default=None, help="auto | nvml | null | fake | replay")
+    p.add_argument("--device-slots", default=None,
+                   help="directory of the per-device lock files (methods/device_slots.py), e.g. "
+                        "<results>/.device_slots; default $ADVREPRO_DEVICE_SLOTS_DIR or a "
+                        "per-machine temp dir")
+    p.add_argument("--device-when-busy", choices=["wait", "cpu"], default=None,
+                   help="when every GPU slot is taken: wait for one (default) or run on the CPU")
+
+
+def _export_where(args) -> None:
+    """Hand the slot settings to runtime.pick_device (called deep in the stages) via the env."""
+    from .device_slots import SLOTS_DIR_ENV, WHEN_BUSY_ENV
+
+    if getattr(args, "device_slots", None):
+        os.environ[SLOTS_DIR_ENV] = str(Path(args.device_slots).resolve())
+    if getattr(args, "device_when_busy", None):
+        os.environ[WHEN_BUSY_ENV] = args.device_when_busy
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -176,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)
+    _export_where(args)
     args.func(args)
     return 0
 

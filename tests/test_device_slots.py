@@ -261,3 +261,17 @@ def test_describe_device(monkeypatch, tmp_path, fake_cuda):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     d = runtime.describe_device(dev)
     assert d["uuid"] == "GPU-1234abcd-0000" and d["nvml_index"] is None and "nvml_error" in d
+
+
+def test_the_cli_hands_the_slot_settings_to_pick_device(tmp_path, monkeypatch):
+    import argparse
+
+    from methods import cli
+
+    monkeypatch.setenv(device_slots.SLOTS_DIR_ENV, "")   # so the test's changes are undone
+    monkeypatch.setenv(device_slots.WHEN_BUSY_ENV, "")
+    cli._export_where(argparse.Namespace(device_slots=str(tmp_path / "slots"),
+                                         device_when_busy="cpu"))
+    assert os.environ[device_slots.SLOTS_DIR_ENV] == str(tmp_path / "slots")
+    assert device_slots.default_slots_dir() == tmp_path / "slots"
+    assert device_slots.when_busy_setting() == "cpu"
