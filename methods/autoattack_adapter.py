@@ -41,10 +41,37 @@ model's own predictions on ``x_adv``.  A smaller APGD budget (``iterations``, ``
 be set for smoke runs and tests; it is applied exactly as the package's ``__init__`` derives its
 schedule and recorded in the result (``None``: the version's own budget, the only one that is
 AutoAttack as published).
+
+Resuming (``state_path``).  The package can save its progress itself
+(``run_standard_evaluation(state_path=...)``: the robust flags and the finished attacks, as
+JSON), but that path is not usable as it stands: the state is written in place (a kill can leave
+half a file); its set of attacks is written through ``json.dump(..., default=str)`` as the set's
+repr, so a state file read back never matches the run's attacks (``ValueError: The state was
+created with a different set of attacks``); the adversarial examples found before the kill are
+not saved (the restored run returns ``x_orig`` for them); and when the restored state's flags
+are already set
+``run_standard_evaluation`` never assigns its local ``y_adv``: the first success of the resumed
+run (``y_adv[non_robust_lin_idcs] = ...``) or its final ``return x_adv, y_adv`` raises
+``UnboundLocalError`` (pinned 0.2.0; ``tests/test_autoattack_adapter.py`` reproduces both).  So
+the adapter never hands the package a restored state.  With ``state_path`` it runs the package
+one sub-attack and one batch at a time: the batch is exactly the one the package's own loop
+would form (the still-robust indices at the start of the sub-attack, cut into ``batch_size``
+pieces), handed to ``run_standard_evaluation`` as a fresh evaluation of that batch with that one
+attack, so the package's clean pass assigns ``y_adv`` and its flags come back as
+``y_adv != y``.  Every sub-attack reseeds torch with ``seed`` at each ``perturb`` call (APGD,
+APGD-T, FAB, Square all do), so the batch-by-batch run gives the package's results for a
+deterministic model, bit for bit (tested).  The package's input checks run once on the first
+batch as ``run_standard_evaluation`` runs them, and ``check_square_sr`` once on the whole run's
+accuracies; inside the per-batch calls they are switched off.  After every batch the adapter
+writes its own state atomically (flags, the adversarial examples so far, the per-attack
+accuracies, the warnings, the batch reached), keyed by everything that decides the result
+(version, attacks, budget, norm, eps, seed, batch size, and SHA-256 digests of ``x``, ``y`` and
+the model's parameters and buffers); a state with another key is ignored and overwritten.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -52,7 +79,7 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
 from unittest import mock
 
 import torch
@@ -133,7 +160,10 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                    device: Union[torch.device, str, None] = None,
                    log_path: Union[str, Path, None] = None,
                    iterations: Optional[int] = None,
-                   eot_iter: Optional[int] = None) -> AutoAttackResult:
+                   eot_iter: Optional[int] = None,
+                   state_path: Union[str, Path, None] = None,
+                   on_attack_done: Optional[Callable[[str, int, str], None]] = None,
+                   bar: Optional[Callable[..., Iterable[int]]] = None) -> AutoAttackResult:
     """Run AutoAttack (``pyautoattack`` 0.2.0) on ``model`` at ``x, y`` and check its output.
 
     ``model`` maps (N, C, H, W) images in [0, 1] to logits (normalisation inside the model).
@@ -147,6 +177,13 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     ``iterations`` / ``eot_iter``: override the APGD attacks' iterations and EOT draws per step
     (:func:`_set_apgd_budget`; default ``None``: the version's own, 100 and 1, or 20 for
     ``'rand'``); for smoke runs and tests, recorded in the result.
+
+    ``state_path``: save progress there after every sub-attack batch and resume from it (see
+    the module docstring); the file is left in place (a finished state returns at once).
+    ``on_attack_done(attack, robust_count, status)`` is called per sub-attack in run order,
+    ``status`` ``'run'``, ``'restored'`` (finished by an earlier session) or ``'skipped'``
+    (nothing robust was left); ``bar(batches, total=, desc=)`` wraps each sub-attack's batch
+    loop (state runs only).
 
     The model is in eval mode, with parameters frozen, for the run; both are restored afterwards.
     Raises ``ValueError`` for invalid arguments or inputs outside [0, 1] and
@@ -177,12 +214,29 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
             norm=_PACKAGE_NORM[threat.norm], seed=seed, version=version)
         run_attacks = list(adversary.attacks_to_run)
         _set_apgd_budget(adversary, iterations, eot_iter)
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        earlier: list = []
+        if state_path is None:
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            if on_attack_done is not None:
+                for attack in run_attacks:
+                    left = reported.get(attack)
+                    on_attack_done(attack, 0 if left is None else round(left * len(y)),
+                                   "skipped" if left is None else "run")
+        else:
+            key = {"package_version": package_version, "version": version, "attacks": run_attacks,
+                   "norm": threat.norm.value, "eps": float(threat.eps), "seed": seed,
+                   "batch_size": batch_size, "iterations": iterations, "eot_iter": eot_iter,
+                   "n": int(x.shape[0]), "x": _tensor_digest(x), "y": _tensor_digest(y),
+                   "model": _model_digest(model)}
+            x_adv, earlier = _run_resumable(adversary, model, x, y, run_attacks, batch_size,
+                                            device, Path(state_path), key, records,
+                                            on_attack_done, bar)
         robust = _predict(model, x_adv, device, batch_size).to(y.device) == y
 
     _check_output(x, x_adv, threat)
     robust_accuracy = int(robust.sum()) / len(robust)
-    warnings = _dedupe(r.getMessage() for r in records if r.levelno >= logging.WARNING)
+    warnings = _dedupe([*earlier, *(r.getMessage() for r in records
+                                    if r.levelno >= logging.WARNING)])
     if reported:
         last = list(reported.values())[-1]
         # Compare counts, not floats: the package's accuracy is a float32 mean.
@@ -197,6 +251,168 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         warnings=warnings, package=PACKAGE, package_version=package_version, version=version,
         norm=threat.norm.value, eps=float(threat.eps), seed=seed, attacks=run_attacks,
         batch_size=batch_size, iterations=iterations, eot_iter=eot_iter)
+
+
+# ----------------------------------------------------------------------------- cost
+
+def attack_budget(version: str = "standard", attacks: Optional[Sequence[str]] = None,
+                  norm: str = "linf", iterations: Optional[int] = None,
+                  eot_iter: Optional[int] = None) -> Dict[str, float]:
+    """Forward+backward passes per example each sub-attack may spend, read from the package's
+    own settings for this version (the sub-attack objects as ``AutoAttack.__init__`` and
+    ``_set_version`` leave them, with the adapter's ``iterations`` / ``eot_iter``): APGD
+    ``n_iter x n_restarts x eot_iter`` (APGD-T x its target classes), FAB ``n_iter x
+    n_restarts`` (FAB-T: ``n_iter x n_target_classes``, one restart as the package sets it),
+    Square ``n_queries x n_restarts / 3`` (forward passes only).  An upper bound: a point leaves
+    the robust set, and the later attacks, once broken.  For progress estimates."""
+    adversary = pyautoattack.AutoAttack(nn.Identity(), attacks=_attacks(version, attacks),
+                                        eps=1.0, norm=_PACKAGE_NORM[_norm(norm)],
+                                        seed=0, version=version)
+    _set_apgd_budget(adversary, iterations, eot_iter)
+    apgd, apgd_t, fab, square = (adversary.apgd, adversary.apgd_targeted, adversary.fab,
+                                 adversary.square)
+    costs = {
+        "apgd-ce": apgd.n_iter * apgd.n_restarts * apgd.eot_iter,
+        "apgd-dlr": apgd.n_iter * apgd.n_restarts * apgd.eot_iter,
+        "apgd-t": apgd_t.n_iter * apgd_t.n_restarts * apgd_t.n_target_classes * apgd_t.eot_iter,
+        "fab": fab.n_iter * fab.n_restarts,
+        "fab-t": fab.n_iter * fab.n_target_classes,
+        "square": square.n_queries * square.n_restarts / 3,
+    }
+    return {a: float(costs[a]) for a in adversary.attacks_to_run}
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(name.encode())
+        h.update(_tensor_digest(t).encode())
+    return h.hexdigest()
+
+
+def _load_state(path: Path, key: dict) -> Optional[Dict[str, Any]]:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # unreadable: start over rather than trust it
+        log.warning("AutoAttack: ignoring unreadable state %s (%s)", path, err)
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.warning("AutoAttack: %s was written for another run; starting over", path)
+        return None
+    return state
+
+
+def _save_state(path: Path, state: Dict[str, Any]) -> None:
+    from .results import atomic_write
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+@contextlib.contextmanager
+def _checks_off() -> Iterator[None]:
+    """The package's run-level checks and its Square check, silenced for the per-batch calls
+    (the adapter runs them once for the whole run).  ``check_zero_gradients``, inside APGD,
+    stays on: it runs per batch in the package too."""
+    with mock.patch.object(_aa_checks, "check_randomized", lambda *a, **k: None), \
+            mock.patch.object(_aa_checks, "check_range_output", lambda *a, **k: 0), \
+            mock.patch.object(_aa_checks, "check_dynamic", lambda *a, **k: None), \
+            mock.patch.object(_aa_checks, "check_n_classes", lambda *a, **k: None), \
+            mock.patch.object(_aa_checks, "check_square_sr", lambda *a, **k: None):
+        yield
+
+
+def _run_checks(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    """The input checks exactly as ``run_standard_evaluation`` makes them, on its first batch."""
+    xb, yb = x[:batch_size].to(adversary.device), y[:batch_size].to(adversary.device)
+    if adversary.version != "rand":
+        _aa_checks.check_randomized(adversary.get_logits, xb, yb, bs=batch_size,
+                                    logger=adversary.logger)
+    n_cls = _aa_checks.check_range_output(adversary.get_logits, xb, logger=adversary.logger)
+    _aa_checks.check_dynamic(adversary.model, xb, False, logger=adversary.logger)
+    _aa_checks.check_n_classes(n_cls, adversary.attacks_to_run,
+                               adversary.apgd_targeted.n_target_classes,
+                               adversary.fab.n_target_classes, logger=adversary.logger)
+
+
+def _run_resumable(adversary, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   run_attacks: list, batch_size: int, device: torch.device, path: Path,
+                   key: dict, records: list, on_attack_done, bar) -> tuple:
+    """``run_standard_evaluation`` sub-attack by sub-attack and batch by batch, saving the state
+    after every batch; returns ``x_adv`` and the warnings of earlier sessions."""
+    n = int(x.shape[0])
+    session_start = len(records)
+    state = _load_state(path, key)
+    if state is None:
+        _run_checks(adversary, x, y, batch_size)
+        with torch.no_grad():   # the package's clean pass
+            clean = torch.cat([adversary.get_logits(x[i:i + batch_size].to(device)).max(dim=1)[1]
+                               for i in range(0, n, batch_size)])
+        robust = clean.cpu() == y.cpu()
+        state = {"key": key, "robust": robust, "x_adv": x.detach().cpu().clone(),
+                 "per_attack": {"clean": int(robust.sum()) / n}, "done": [], "current": None,
+                 "warnings": []}
+    earlier = list(state["warnings"])
+
+    def save() -> None:
+        state["warnings"] = _dedupe([*earlier, *(r.getMessage() for r in records[session_start:]
+                                                 if r.levelno >= logging.WARNING)])
+        _save_state(path, state)
+
+    save()
+    robust, x_adv = state["robust"], state["x_adv"]
+    y_cpu = y.detach().cpu()
+    with _checks_off():
+        for attack in run_attacks:
+            if attack in state["done"]:
+                if on_attack_done is not None:
+                    on_attack_done(attack, int(round(state["per_attack"][attack] * n)), "restored")
+                continue
+            if not robust.any():   # the package: "no robust datapoints left", later attacks absent
+                if on_attack_done is not None:
+                    on_attack_done(attack, 0, "skipped")
+                continue
+            current = state["current"]
+            if current is None or current["attack"] != attack:
+                current = state["current"] = {"attack": attack, "pool": robust.nonzero().flatten(),
+                                              "batches": 0}
+            pool = current["pool"]
+            n_batches = math.ceil(len(pool) / batch_size)
+            batches = range(int(current["batches"]), n_batches)
+            if bar is not None:
+                batches = bar(batches, total=len(batches), desc=f"AutoAttack {attack}")
+            for b in batches:
+                ids = pool[b * batch_size:(b + 1) * batch_size]
+                adversary.attacks_to_run = [attack]
+                try:
+                    xa, ya = adversary.run_standard_evaluation(x[ids.to(x.device)],
+                                                               y[ids.to(y.device)],
+                                                               batch_size=batch_size)
+                finally:
+                    adversary.attacks_to_run = run_attacks
+                broken = ya.detach().cpu() != y_cpu[ids]   # the package's flags: y_adv != y
+                robust[ids[broken]] = False
+                x_adv[ids[broken]] = xa.detach().cpu()[broken]
+                current["batches"] = b + 1
+                save()
+            state["per_attack"][attack] = int(robust.sum()) / n
+            state["done"].append(attack)
+            state["current"] = None
+            save()
+            if on_attack_done is not None:
+                on_attack_done(attack, int(robust.sum()), "run")
+    _aa_checks.check_square_sr(dict(state["per_attack"]), logger=adversary.logger)
+    save()
+    return x_adv.to(device=x.device, dtype=x.dtype), earlier
 
 
 # ----------------------------------------------------------------------------- validation

@@ -8,6 +8,7 @@ every point above the largest.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 
@@ -17,6 +18,9 @@ from torch import nn
 
 import pyautoattack
 from pyautoattack import checks as aa_checks
+from pyautoattack.state import EvaluationState
+
+from methods import autoattack_adapter
 
 from methods.autoattack_adapter import (ATTACK_NAMES, PINNED_VERSION, AutoAttackCheckError,
                                         AutoAttackResult, run_autoattack)
@@ -342,3 +346,172 @@ def test_bad_shapes_raise():
 
 def test_attack_names_come_from_the_package():
     assert set(ATTACK_NAMES) == {"apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"}
+
+
+# ----------------------------------------------------------------------------- resuming
+
+class Killed(BaseException):
+    """Stands for a kill (not an ``Exception``, so nothing can swallow it)."""
+
+
+def _repaired_from_disk(monkeypatch):
+    """The package writes its state's ``_attacks_to_run`` (a set) through ``json.dump(...,
+    default=str)``, so it reads back as the set's repr and never equals the run's attacks;
+    repair that on reading, to reach the code path behind it."""
+    read = EvaluationState.from_disk.__func__
+
+    def from_disk(cls, path):
+        state = read(cls, path)
+        state._attacks_to_run = set(ast.literal_eval(state._attacks_to_run))
+        return state
+
+    monkeypatch.setattr(EvaluationState, "from_disk", classmethod(from_disk))
+
+
+@pytest.mark.parametrize("case", ["later success", "final return"])
+def test_the_package_resume_path_leaves_y_adv_unbound(tmp_path, monkeypatch, case):
+    """Why the adapter never hands the package a restored state (pinned 0.2.0): a state whose
+    robust flags are already set skips the branch that assigns ``y_adv``, so the resumed run
+    dies with ``UnboundLocalError`` at its first success, or at its final return when nothing is
+    left to attack."""
+    x = images()
+    model, y, dist = margin_model(x)
+    eps = 2.0 * dist["linf"].max().item()            # APGD-T breaks every point it is given
+    attacks = ["apgd-ce", "apgd-t"]
+    path = tmp_path / "state.json"
+    state = EvaluationState(set(attacks), path=path)
+    state.add_run_attack("apgd-ce")
+    state.clean_accuracy = 1.0
+    # later success: every point still robust; final return: none left (APGD-CE broke them all)
+    state.robust_flags = torch.full((N,), case == "later success")
+    adversary = lambda: pyautoattack.AutoAttack(model, attacks=attacks, version="custom",
+                                                eps=eps, seed=0)
+    with pytest.raises(ValueError, match="different set of attacks"):
+        adversary().run_standard_evaluation(x, y, state_path=path)   # the set round trip
+    _repaired_from_disk(monkeypatch)
+    with pytest.raises(UnboundLocalError, match="y_adv") as err:
+        adversary().run_standard_evaluation(x, y, state_path=path)
+    failing_line = err.traceback[-1].statement.lines[0].strip()
+    assert failing_line.startswith("y_adv[non_robust_lin_idcs] =" if case == "later success"
+                                   else "return x_adv, y_adv")
+
+
+def package_spy(monkeypatch, kill_at=None):
+    """Record which attack and how many points each call of the package gets; die at call
+    ``kill_at`` (1-based)."""
+    calls = []
+    run = pyautoattack.AutoAttack.run_standard_evaluation
+
+    def spy(self, x, y, **kwargs):
+        calls.append((tuple(self.attacks_to_run), len(x)))
+        if len(calls) == kill_at:
+            raise Killed(f"killed in package call {kill_at}")
+        return run(self, x, y, **kwargs)
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    return calls
+
+
+def same_result(a: AutoAttackResult, b: AutoAttackResult) -> None:
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.robust, b.robust)
+    assert a.per_attack == b.per_attack and a.warnings == b.warnings
+
+
+def test_the_batch_by_batch_run_is_the_package_run(tmp_path, monkeypatch):
+    """With ``state_path`` the package runs one sub-attack batch at a time; for a deterministic
+    model that is its single call bit for bit (flags, x_adv, per-attack accuracies, warnings),
+    and a finished state returns without calling the package."""
+    model = small_net().eval()
+    x = images(lo=0.0, hi=1.0)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % N_CLASSES                      # one clean error
+    kwargs = dict(norm="linf", eps=0.05, version="custom", attacks=["apgd-ce", "apgd-t"],
+                  seed=0, batch_size=3, iterations=10)
+    one = run_autoattack(model, x, y, **kwargs)
+    assert one.per_attack["clean"] > one.per_attack["apgd-ce"] > 0   # a real comparison
+    done = []
+    calls = package_spy(monkeypatch)
+    batched = run_autoattack(model, x, y, state_path=tmp_path / "aa.pt",
+                             on_attack_done=lambda *a: done.append(a), **kwargs)
+    same_result(one, batched)
+    robust_after = [round(one.per_attack[a] * N) for a in ("apgd-ce", "apgd-t")]
+    assert done == [("apgd-ce", robust_after[0], "run"), ("apgd-t", robust_after[1], "run")]
+    assert [n for _, n in calls] == [3, 3, 1, *([3] * (robust_after[0] // 3)),
+                                     *([robust_after[0] % 3] if robust_after[0] % 3 else [])]
+    monkeypatch.undo()
+    calls = package_spy(monkeypatch, kill_at=1)
+    again = run_autoattack(model, x, y, state_path=tmp_path / "aa.pt",
+                           on_attack_done=lambda *a: done.append(a), **kwargs)
+    same_result(one, again)
+    assert calls == [] and [s for _, _, s in done[2:]] == ["restored", "restored"]
+    monkeypatch.undo()
+    # The package's checks and APGD's zero-gradient warnings come out the same too.
+    constant, y = Constant().eval(), torch.tensor([9, 9, 9, 9, 0, 1, 2, 3])
+    plain = run_autoattack(constant, x, y, **kwargs)
+    assert any("zero gradient" in w for w in plain.warnings)
+    same_result(plain, run_autoattack(constant, x, y, state_path=tmp_path / "c.pt", **kwargs))
+
+
+@pytest.mark.parametrize("case", ["later success", "nothing more broken", "all done"])
+def test_a_killed_run_resumes_from_its_state_with_the_flags_set(tmp_path, monkeypatch, case):
+    """The package's failing case through the adapter: a state whose flags are already set (some
+    points broken before the kill).  Killed in APGD-CE's second batch (the resumed run breaks
+    more points), in APGD-T's first batch after APGD-CE broke half (the resumed run breaks
+    nothing and returns), or after the last batch (nothing left to run): each resumed run
+    calls the package only for the batches not yet done and returns the uninterrupted result."""
+    x = images()
+    model, y, dist = margin_model(x)
+    eps = (dist["linf"].median() if case == "nothing more broken" else 2.0 * dist["linf"].max()).item()
+    kwargs = dict(norm="linf", eps=eps, version="custom", attacks=["apgd-ce", "apgd-t"],
+                  seed=0, batch_size=3, iterations=20)
+    whole = run_autoattack(model, x, y, **kwargs)
+    path = tmp_path / "aa.pt"
+    if case == "all done":
+        predict = autoattack_adapter._predict
+
+        def dying_predict(*args):      # the state is complete when the final check runs
+            raise Killed("killed after the last batch")
+        monkeypatch.setattr(autoattack_adapter, "_predict", dying_predict)
+        package_spy(monkeypatch)
+    else:
+        package_spy(monkeypatch, kill_at=2 if case == "later success" else 4)
+    with pytest.raises(Killed):
+        run_autoattack(model, x, y, state_path=path, **kwargs)
+    state = torch.load(path, weights_only=True)
+    assert state["robust"].sum() < N                    # flags already set: points broken
+    monkeypatch.undo()
+
+    calls = package_spy(monkeypatch)
+    resumed = run_autoattack(model, x, y, state_path=path, **kwargs)
+    same_result(whole, resumed)
+    if case == "later success":
+        assert whole.per_attack == {"clean": 1.0, "apgd-ce": 0.0}
+        assert calls == [(("apgd-ce",), 3), (("apgd-ce",), 2)]     # batches 2 and 3
+    elif case == "nothing more broken":
+        assert whole.per_attack == {"clean": 1.0, "apgd-ce": 0.5, "apgd-t": 0.5}
+        assert calls == [(("apgd-t",), 3), (("apgd-t",), 1)]       # APGD-T again, from batch 1
+        assert torch.equal(resumed.robust, dist["linf"] > eps)
+    else:
+        assert calls == []
+
+
+def test_a_state_of_another_run_is_not_used(tmp_path):
+    x = images()
+    model, y, dist = margin_model(x)
+    path = tmp_path / "aa.pt"
+    kwargs = dict(norm="linf", version="custom", attacks=["apgd-ce"], seed=0, batch_size=4)
+    low = run_autoattack(model, x, y, eps=0.5 * dist["linf"].min().item(), state_path=path,
+                         **kwargs)
+    assert low.robust.all()
+    high = run_autoattack(model, x, y, eps=2.0 * dist["linf"].max().item(), state_path=path,
+                          **kwargs)
+    assert not high.robust.any()                    # not the finished low-eps state
+    assert torch.load(path, weights_only=True)["key"]["eps"] == high.eps
+
+
+def test_attack_budget_reads_the_package_settings():
+    standard = autoattack_adapter.attack_budget("standard")
+    assert standard == {"apgd-ce": 100.0, "apgd-t": 900.0, "fab-t": 900.0, "square": 5000 / 3}
+    assert autoattack_adapter.attack_budget("rand") == {"apgd-ce": 2000.0, "apgd-dlr": 2000.0}
+    assert autoattack_adapter.attack_budget("custom", ["apgd-ce"], iterations=10) == {"apgd-ce": 50.0}
