@@ -7,7 +7,7 @@ Used by :mod:`methods.evaluation` (the base model) and :mod:`methods.defenses.ev
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from scipy.stats import binomtest
@@ -69,14 +69,32 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def run_attack(model: nn.Module, spec: Dict[str, Any], threat: ThreatModel, x: torch.Tensor,
-               y: torch.Tensor, batch_size: int, seed: int, what: str) -> Tuple[torch.Tensor, float]:
+               y: torch.Tensor, batch_size: int, seed: int, what: str, *,
+               resume: Optional[Any] = None,
+               bar: Optional[Callable[..., Iterable[int]]] = None) -> Tuple[torch.Tensor, float]:
     """Robust flags (bool, (N,)) of ``x, y`` under a normalized attack spec, and the largest
     perturbation seen.  Batches of ``batch_size`` share one generator seeded with ``seed``;
-    every adversarial batch is checked against ``threat`` (:func:`check_adversarial`)."""
+    every adversarial batch is checked against ``threat`` (:func:`check_adversarial`).
+
+    ``resume`` (optional, :class:`methods.eval_resume.UnitProgress`): ``resume.load()`` gives
+    what an earlier session saved and ``resume.save(progress)`` is called after every batch with
+    the flags so far, the largest distance, the index of the next batch and the generator's
+    state, so a killed run continues at its first unfinished batch with the generator exactly
+    where the uninterrupted run has it: same draws, same flags.  Saved progress of another
+    ``batch_size`` or example count is ignored.  ``bar(starts, total=, desc=)`` wraps the batch
+    loop (a progress bar)."""
     implementation = ATTACKS.get(spec["name"])
     generator = cpu_generator(seed)
-    flags, worst = [], 0.0
-    for i in range(0, len(x), batch_size):
+    flags, worst, start = [], 0.0, 0
+    saved = resume.load() if resume is not None else None
+    if saved and saved.get("batch_size") == batch_size and saved.get("n") == len(x) \
+            and saved.get("seed") == seed:
+        flags = [saved["flags"].to(y.device)]
+        worst, start = float(saved["worst"]), int(saved["next"])
+        generator.set_state(saved["generator"])
+    starts = range(start, len(x), batch_size)
+    batches = bar(starts, total=len(starts), desc=what) if bar is not None else starts
+    for i in batches:
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         runs = implementation(model, xb, yb, spec, threat, generator)
         ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
@@ -86,6 +104,10 @@ def run_attack(model: nn.Module, spec: Dict[str, Any], threat: ThreatModel, x: t
             worst = max(worst, check_adversarial(xb, run.x_adv, threat, what))
             ok &= ~run.fooled(predict(model, run.x_adv, batch_size), yb)
         flags.append(ok)
+        if resume is not None:
+            resume.save({"next": i + batch_size, "batch_size": batch_size, "n": len(x),
+                         "seed": seed, "flags": torch.cat(flags).cpu(), "worst": worst,
+                         "generator": generator.get_state()})
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool), worst
 
 
