@@ -19,7 +19,10 @@ from methods.config import (cell_dir, eval_checkpoints, iter_cells, load_recipes
                             recipe_annotations, resolve_cell, resolve_evaluation)
 from methods.config_checks import check_config
 
-configfile: "workflow/config/default.yaml"
+# The embedded default, unless a --configfile is given: then that file alone (plus --config),
+# never merged into the default (its datasets and evaluation keys would leak in).
+if not workflow.overwrite_configfiles:
+    configfile: "workflow/config/default.yaml"
 # Before any rule exists: one message naming the field, the value and what is allowed (the
 # schema's errors rephrased, then recipes, method_args, names, cells, attacks); then the defaults.
 check_config(config)
