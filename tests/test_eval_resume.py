@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -181,18 +182,25 @@ def evaluate(trained, name):
 
 @pytest.fixture(scope="module")
 def reference(trained):
-    """An uninterrupted evaluation and what it logged on stderr."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    """An uninterrupted evaluation, what it logged on stderr and each unit's per-example flags."""
+    err, flags = io.StringIO(), {}
+    finish = PartialEvaluation.finish
+
+    def recording(self, name, record, unit_flags, windows):
+        flags[name] = None if unit_flags is None else unit_flags.detach().cpu().clone()
+        return finish(self, name, record, unit_flags, windows)
+
+    with mock.patch.object(PartialEvaluation, "finish", recording), \
+            contextlib.redirect_stderr(err):
         rec = evaluate(trained, "reference.json")
-    return rec, err.getvalue()
+    return rec, err.getvalue(), flags
 
 
 COMPUTED = ("metrics", "autoattack", "defenses", "test_examples", "checkpoint", "evaluation")
 
 
 def test_every_unit_logs_a_progress_line_with_elapsed_and_remaining(reference):
-    rec, err = reference
+    rec, err, _ = reference
     assert rec["resumed"] is None
     job = re.escape("[evaluate standard_tiny seed 3 last]")
     line = r"{} {} done \((\d+)/(\d+)\)  elapsed \S+  remaining ~\S+"
@@ -281,10 +289,23 @@ def test_a_killed_evaluation_resumes_without_redoing_finished_work(trained, refe
     assert s["fgsm"] == [50, 50]
 
     # 4: only the defences block again (a block is redone whole), then the result.
-    s = session()
+    restored = {}
+    finished = PartialEvaluation.finished
+
+    def recording(self, name):
+        saved = finished(self, name)
+        if saved is not None and saved["flags"] is not None:
+            restored[name] = saved["flags"]
+        return saved
+
+    with mock.patch.object(PartialEvaluation, "finished", recording):
+        s = session()
     assert s["killed"] is None and (s["pgd"], s["package"]) == ([], [])
     assert s["defenses"] == 1 and s["fgsm"] == [50, 50]
-    rec, (ref, _) = s["rec"], reference
+    rec, (ref, _, ref_flags) = s["rec"], reference
+    assert restored.keys() == set(UNITS[:5])
+    for name, unit_flags in restored.items():       # the same examples robust, one by one
+        assert torch.equal(unit_flags, ref_flags[name]), name
     for key in COMPUTED:
         assert rec[key] == ref[key], key
     assert rec["resumed"] == {"units": UNITS[:5], "continued": []}
