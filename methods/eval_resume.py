@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .results import _jsonable, atomic_write, atomic_write_text
+from .results import jsonable, atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ class PartialEvaluation:
                windows: List[Dict[str, Any]]) -> None:
         # The record goes through JSON so what is restored is exactly what the result holds.
         self._write(self.paths[name], {
-            "unit": name, "done": True, "record": json.loads(json.dumps(_jsonable(record))),
+            "unit": name, "done": True, "record": json.loads(json.dumps(jsonable(record))),
             "flags": flags.detach().cpu() if flags is not None else None,
-            "windows": json.loads(json.dumps(_jsonable(windows)))})
+            "windows": json.loads(json.dumps(jsonable(windows)))})
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

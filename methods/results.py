@@ -95,15 +95,17 @@ def atomic_write_bytes(path: Path, content: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(content))
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with dict keys as strings, tuples as lists, numpy / torch scalars as numbers and
+    non-finite floats as None (JSON has no NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
@@ -123,7 +125,7 @@ def validate(record: Dict[str, Any], schema_name: str) -> None:
 
 
 def write_result(path: Path, record: Dict[str, Any], schema_name: str) -> Dict[str, Any]:
-    record = _jsonable(record)
+    record = jsonable(record)
     validate(record, schema_name)
     atomic_write_text(Path(path), json.dumps(record, indent=2, sort_keys=False) + "\n")
     return record
