@@ -63,6 +63,18 @@ def training_identity(w):
                       sort_keys=True)
 
 
+def train_priority(w):
+    """A scheduling hint, nothing computed depends on it: longer trainings start first, so a run
+    does not end waiting on one long job while the other cores idle.  The length is estimated
+    from the recipe as epochs x (1 + attack steps x copies) (PGD-40: 41 per epoch, BB m = 5: 6)."""
+    cell = resolve_cell(config, w.dataset, w.arch, _recipe_of(w), int(w.seed), RECIPES)
+    args = cell.get("method_args") or {}
+    steps, copies = args.get("steps", 1), args.get("m", 1)
+    steps = steps if isinstance(steps, int) else 1
+    copies = copies if isinstance(copies, int) else 1
+    return int(cell["train"]["epochs"]) * (1 + steps * copies)
+
+
 def evaluation_identity(w):
     """The evaluate rule's parameter (methods.config.resolve_evaluation): changing it
     re-evaluates without retraining."""

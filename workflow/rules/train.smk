@@ -11,6 +11,7 @@ rule train:
         cell=training_identity,
         out_dir=CELL,
     threads: config["threads"]
+    priority: train_priority
     resources:
         gpu=1,
     log:
