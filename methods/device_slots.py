@@ -46,12 +46,12 @@ class NoFreeSlot(RuntimeError):
 
 
 def default_slots_dir() -> Path:
-    """``$ADVREPRO_DEVICE_SLOTS_DIR``, else one directory per machine in the temp dir (so jobs of
-    different workflows on one machine still share the arbitration)."""
+    """``$ADVREPRO_DEVICE_SLOTS_DIR``, else one directory per user and machine in the temp dir (so
+    the jobs of different workflows of one user still share the arbitration)."""
     env = os.environ.get(SLOTS_DIR_ENV)
     if env:
         return Path(env)
-    return Path(tempfile.gettempdir()) / "advrepro-device-slots"
+    return Path(tempfile.gettempdir()) / f"advrepro-device-slots-{os.getuid()}"
 
 
 def when_busy_setting(value: Optional[str] = None) -> str:
@@ -139,15 +139,22 @@ class Slot:
     index: int              # the CUDA ordinal inside this process
     path: Path
     fd: Optional[int] = field(default=None, repr=False)
+    owner: int = field(default_factory=os.getpid, repr=False)
 
     @property
     def held(self) -> bool:
         return self.fd is not None
 
     def release(self) -> None:
+        """Unlock and close.  In a forked child (a data-loader worker) only close the inherited
+        fd: unlocking it would unlock the parent's lock too (same open file description)."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
+        _HELD.discard(self)
+        if os.getpid() != self.owner:
+            os.close(fd)
+            return
         try:
             os.ftruncate(fd, 0)   # still ours while locked: nobody else writes it
         except OSError:
@@ -156,7 +163,6 @@ class Slot:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-        _HELD.discard(self)
 
     def to_dict(self) -> Dict[str, object]:
         return {"device_id": self.device_id, "index": self.index, "lock": str(self.path)}

@@ -275,3 +275,20 @@ def test_the_cli_hands_the_slot_settings_to_pick_device(tmp_path, monkeypatch):
     assert os.environ[device_slots.SLOTS_DIR_ENV] == str(tmp_path / "slots")
     assert device_slots.default_slots_dir() == tmp_path / "slots"
     assert device_slots.when_busy_setting() == "cpu"
+
+
+def test_a_forked_child_exiting_does_not_release_the_parents_slot(tmp_path):
+    slot = device_slots.acquire([(0, "0")], tmp_path, wait=False)
+    pid = os.fork()
+    if pid == 0:   # the child (a data-loader worker, say) tidies up as atexit would
+        try:
+            device_slots.held_slots()[0].release()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert slot.held
+    other, busy = device_slots.try_acquire([(0, "0")], tmp_path)
+    assert other is None and busy["0"].pid == os.getpid()
+    slot.release()
+    assert device_slots.try_acquire([(0, "0")], tmp_path)[0] is not None
+    runtime.release_device()
