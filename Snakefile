@@ -37,7 +37,7 @@ CELL = RESULTS + "/{dataset}/{arch}/{method}/{recipe}/seed{seed}"
 # Where a job runs, not what it computes: in the shell command, never in params, so changing
 # them reruns nothing (the profile's rerun-triggers leave out `code`).
 WHERE = (f"--device {config['device']} --threads {{threads}} "
-         f"--meter {json.dumps(config['meter'])}")
+         f"--meter {json.dumps(config['meter'])} --device-slots {RESULTS}/.device_slots")
 
 wildcard_constraints:
     dataset=r"[^/]+",

@@ -161,13 +161,17 @@ def package_versions() -> Dict[str, Optional[str]]:
 
 
 def device_info(device) -> Dict[str, Any]:
+    """The device a job ran on: the CPU's name, or the GPU's index, name, UUID, the
+    CUDA_VISIBLE_DEVICES entry and the slot held for it (:func:`methods.runtime.describe_device`)."""
     import torch
+
+    from .runtime import describe_device
 
     info = {"type": device.type, "name": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    info.update(describe_device(device))
     return info
 
 
