@@ -153,7 +153,8 @@ def test_config_errors_name_the_field(bad, match):
         list(iter_cells({**BASE, **bad}))
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "paper.yaml", "smoke.yaml", "ablations.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "paper.yaml", "smoke.yaml", "ablations.yaml",
+                                  "mnist5k_comparisons.yaml"])
 def test_shipped_configs_resolve_every_cell(name):
     path = REPO_ROOT / "workflow" / "config" / name
     config = load_yaml(path)

@@ -360,3 +360,24 @@ def test_links_of_another_protocol_are_marked(paper):
     # BB's SVHN gain is a single-step BB claim: not linked to multi-step BB or the baselines.
     for name in ("bb_multi_gs", "bb_multi_cp", "nfgsm_bb_eval", "nfgsm_bb_train", "pgd10_bb"):
         assert rows(name) == [], name
+
+
+def test_default_is_one_row_per_method_and_the_comparisons_share_its_cells():
+    """default.yaml: one MNIST-5k row per registered method in the table (the IADA scenarios add
+    CE and Meta-IADA rows on their datasets); BB's other rules and Selective AT's random baseline
+    are in mnist5k_comparisons.yaml, with the same training and evaluation identities, so the
+    cells both name are the same results."""
+    default, comparisons = config("default"), config("mnist5k_comparisons")
+    mnist = [r for d, _, _, r, _ in iter_cells(default) if d == "mnist5k"]
+    recipes = load_recipes(default)
+    methods = [recipes[r]["method"] for r in mnist]
+    assert len(methods) == len(set(methods)), "one row per method"
+    assert {"bb_cp_mnist", "bb_bg_mnist", "sat_random_mnist"} & set(mnist) == set()
+    shared = {(d, a, m, r, s) for d, a, m, r, s in iter_cells(default)} & \
+        set(iter_cells(comparisons))
+    assert {r for *_, r, _ in shared} == {"bb_gs_mnist", "sat_margin_mnist"}
+    for d, a, m, r, s in shared:
+        assert (resolve_cell(default, d, a, r, s)["train_hash"]
+                == resolve_cell(comparisons, d, a, r, s)["train_hash"]), r
+        assert (resolve_evaluation(default, r)["eval_hash"]
+                == resolve_evaluation(comparisons, r)["eval_hash"]), r

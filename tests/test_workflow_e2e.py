@@ -111,7 +111,8 @@ def check_identities(config, cells, results, overrides, tmp_path):
     assert plan["train"] == len(cells) and plan["evaluate"] == n_evals, plan
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "ablations.yaml", "default.yaml", "iada_grid.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "ablations.yaml", "default.yaml", "iada_grid.yaml",
+                                  "mnist5k_comparisons.yaml"])
 def test_dry_run_lists_every_cell(name):
     config = load_yaml(REPO_ROOT / "workflow" / "config" / name)
     n_cells = len(list(iter_cells(config)))
