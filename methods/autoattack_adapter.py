@@ -163,7 +163,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                    eot_iter: Optional[int] = None,
                    state_path: Union[str, Path, None] = None,
                    on_attack_done: Optional[Callable[[str, int, str], None]] = None,
-                   bar: Optional[Callable[..., Iterable[int]]] = None) -> AutoAttackResult:
+                   bar: Optional[Callable[..., Iterable[int]]] = None,
+                   start: Optional[torch.Tensor] = None,
+                   only: Optional[Sequence[str]] = None) -> AutoAttackResult:
     """Run AutoAttack (``pyautoattack`` 0.2.0) on ``model`` at ``x, y`` and check its output.
 
     ``model`` maps (N, C, H, W) images in [0, 1] to logits (normalisation inside the model).
@@ -185,6 +187,15 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     (nothing robust was left); ``bar(batches, total=, desc=)`` wraps each sub-attack's batch
     loop (state runs only).
 
+    One stage of a run split over jobs (:mod:`methods.eval_shards`; batch by batch as with
+    ``state_path``, saved only if it is given):
+    ``start``, bool (N,), the robust flags to start from instead of the package's clean pass
+    (its input checks are skipped too: the caller ran them with the clean pass); ``only``, the
+    version's sub-attacks to run (in the version's order; the others are neither run nor
+    reported; ``[]``: just the checks and the clean pass).  Each batch is still handed to the
+    package as in the whole run, so the examples of a whole run's batches, given in its order,
+    get its results.
+
     The model is in eval mode, with parameters frozen, for the run; both are restored afterwards.
     Raises ``ValueError`` for invalid arguments or inputs outside [0, 1] and
     :class:`AutoAttackCheckError` if ``x_adv`` leaves the eps-ball or [0, 1].
@@ -200,6 +211,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     for name, value in (("iterations", iterations), ("eot_iter", eot_iter)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if start is not None and (not isinstance(start, torch.Tensor) or start.dtype != torch.bool
+                              or start.shape != (x.shape[0],)):
+        raise ValueError(f"start must be a bool tensor of shape ({x.shape[0]},)")
     device = torch.device(device) if device is not None else _model_device(model, x)
     x = x.detach()
     y = y.detach()
@@ -213,9 +227,11 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
             model, attacks=attacks_arg, device=device, eps=threat.eps,
             norm=_PACKAGE_NORM[threat.norm], seed=seed, version=version)
         run_attacks = list(adversary.attacks_to_run)
+        if only is not None and not set(only) <= set(run_attacks):
+            raise ValueError(f"only={list(only)!r}: not among the version's attacks {run_attacks}")
         _set_apgd_budget(adversary, iterations, eot_iter)
         earlier: list = []
-        if state_path is None:
+        if state_path is None and start is None and only is None:
             x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
             if on_attack_done is not None:
                 for attack in run_attacks:
@@ -228,9 +244,13 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                    "batch_size": batch_size, "iterations": iterations, "eot_iter": eot_iter,
                    "n": int(x.shape[0]), "x": _tensor_digest(x), "y": _tensor_digest(y),
                    "model": _model_digest(model)}
+            if start is not None or only is not None:   # absent otherwise: earlier states stay valid
+                key["start"] = None if start is None else _tensor_digest(start)
+                key["only"] = None if only is None else list(only)
             x_adv, earlier = _run_resumable(adversary, model, x, y, run_attacks, batch_size,
-                                            device, Path(state_path), key, records,
-                                            on_attack_done, bar)
+                                            device, None if state_path is None else Path(state_path),
+                                            key, records,
+                                            on_attack_done, bar, start=start, only=only)
         robust = _predict(model, x_adv, device, batch_size).to(y.device) == y
 
     _check_output(x, x_adv, threat)
@@ -280,6 +300,16 @@ def attack_budget(version: str = "standard", attacks: Optional[Sequence[str]] = 
         "square": square.n_queries * square.n_restarts / 3,
     }
     return {a: float(costs[a]) for a in adversary.attacks_to_run}
+
+
+def square_check_warnings(per_attack: Dict[str, float]) -> list:
+    """The package's Square check (``checks.check_square_sr``, run once at the end of a run) on a
+    whole run's cumulative accuracies, as the warnings it logs: for a run whose stages ran in
+    separate jobs (:mod:`methods.eval_shards`)."""
+    records: list = []
+    with _package_log(records, None):
+        _aa_checks.check_square_sr(dict(per_attack), logger=logging.getLogger(PACKAGE_LOGGER))
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -346,18 +376,23 @@ def _run_checks(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) ->
 
 def _run_resumable(adversary, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    run_attacks: list, batch_size: int, device: torch.device, path: Path,
-                   key: dict, records: list, on_attack_done, bar) -> tuple:
+                   key: dict, records: list, on_attack_done, bar, start=None,
+                   only=None) -> tuple:
     """``run_standard_evaluation`` sub-attack by sub-attack and batch by batch, saving the state
-    after every batch; returns ``x_adv`` and the warnings of earlier sessions."""
+    after every batch; returns ``x_adv`` and the warnings of earlier sessions.  ``start`` /
+    ``only``: see :func:`run_autoattack`."""
     n = int(x.shape[0])
     session_start = len(records)
-    state = _load_state(path, key)
+    state = _load_state(path, key) if path is not None else None
     if state is None:
-        _run_checks(adversary, x, y, batch_size)
-        with torch.no_grad():   # the package's clean pass
-            clean = torch.cat([adversary.get_logits(x[i:i + batch_size].to(device)).max(dim=1)[1]
-                               for i in range(0, n, batch_size)])
-        robust = clean.cpu() == y.cpu()
+        if start is not None:
+            robust = start.detach().cpu().clone()
+        else:
+            _run_checks(adversary, x, y, batch_size)
+            with torch.no_grad():   # the package's clean pass
+                clean = torch.cat([adversary.get_logits(x[i:i + batch_size].to(device)).max(dim=1)[1]
+                                   for i in range(0, n, batch_size)])
+            robust = clean.cpu() == y.cpu()
         state = {"key": key, "robust": robust, "x_adv": x.detach().cpu().clone(),
                  "per_attack": {"clean": int(robust.sum()) / n}, "done": [], "current": None,
                  "warnings": []}
@@ -366,13 +401,16 @@ def _run_resumable(adversary, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     def save() -> None:
         state["warnings"] = _dedupe([*earlier, *(r.getMessage() for r in records[session_start:]
                                                  if r.levelno >= logging.WARNING)])
-        _save_state(path, state)
+        if path is not None:
+            _save_state(path, state)
 
     save()
     robust, x_adv = state["robust"], state["x_adv"]
     y_cpu = y.detach().cpu()
     with _checks_off():
         for attack in run_attacks:
+            if only is not None and attack not in only:
+                continue
             if attack in state["done"]:
                 if on_attack_done is not None:
                     on_attack_done(attack, int(round(state["per_attack"][attack] * n)), "restored")

@@ -1,11 +1,12 @@
 """Command line used by the Snakemake rules: ``python -m methods <command> ...``.
 
 ``train`` takes the training identity as JSON (``methods.config.resolve_cell``), ``evaluate``
-the evaluation identity (``methods.config.resolve_evaluation``), ``aggregate`` the recipes'
-annotations, ``masking-report`` and ``eps-curves`` only evaluation files, plus paths, so a
-rule's inputs, outputs and parameters say everything the command computes from.  ``eps-grid``
-prints attack specs over an eps grid for a config's ``evaluation.attacks``.  ``--device``,
-``--threads`` and ``--meter`` say only where it runs.
+the evaluation identity (``methods.config.resolve_evaluation``), ``evaluate-shard`` (one job of
+a sharded AutoAttack run) its AutoAttack part, ``aggregate`` the recipes' annotations,
+``masking-report`` and ``eps-curves`` only evaluation files, plus paths, so a rule's inputs,
+outputs and parameters say everything the command computes from.  ``eps-grid`` prints attack
+specs over an eps grid for a config's ``evaluation.attacks``.  ``--device``, ``--threads`` and
+``--meter`` say only where it runs.
 """
 from __future__ import annotations
 
@@ -50,11 +51,24 @@ def _cmd_evaluate(args) -> None:
 
     record = evaluate_cell(Path(args.train_result), json.loads(args.evaluation), args.checkpoint,
                            Path(args.data_dir), Path(args.prepared_dir), Path(args.result),
-                           device=args.device, threads=args.threads, meter_backend=args.meter)
+                           device=args.device, threads=args.threads, meter_backend=args.meter,
+                           autoattack_shards=[Path(p) for p in args.autoattack_shards or []])
     summary = {k: round(v["acc"], 4) for k, v in record["metrics"].items()}
     if record["autoattack"]:
         summary["AutoAttack"] = round(record["autoattack"]["acc"], 4)
     print(f"evaluated {record['cell']['recipe']} ({args.checkpoint}): {summary}")
+
+
+def _cmd_evaluate_shard(args) -> None:
+    from .eval_shards import run_shard
+
+    record = run_shard(Path(args.train_result), json.loads(args.evaluation), args.checkpoint,
+                       Path(args.data_dir), Path(args.prepared_dir), args.part, args.shard,
+                       args.shards, [Path(p) for p in args.previous], Path(args.result),
+                       device=args.device, threads=args.threads)
+    what = (f"{len(record['broken'])} of {record['attacked']} broken by {record['attack']}"
+            if "attack" in record else f"{sum(record['flags'])} of {len(record['flags'])} robust")
+    print(f"AutoAttack {args.part} shard {args.shard + 1}/{args.shards}: {what}")
 
 
 def _cmd_aggregate(args) -> None:
@@ -148,8 +162,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--prepared-dir", required=True)
     p.add_argument("--result", required=True)
+    p.add_argument("--autoattack-shards", nargs="*", default=None,
+                   help="shard files of a sharded AutoAttack run (evaluation.autoattack.shards), "
+                        "merged instead of running AutoAttack")
     _where(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("evaluate-shard", help="one job of a sharded AutoAttack evaluation "
+                                              "(methods/eval_shards.py; resumable)")
+    p.add_argument("--train-result", required=True)
+    p.add_argument("--evaluation", required=True,
+                   help="the evaluation identity, or its AutoAttack part, as JSON")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--part", required=True, help="stage<N> (AutoAttack's N-th sub-attack) or pgd")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--previous", nargs="*", default=[], help="the previous stage's shard files")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--prepared-dir", required=True)
+    p.add_argument("--result", required=True)
+    _where(p)
+    p.set_defaults(func=_cmd_evaluate_shard)
 
     p = sub.add_parser("aggregate", help="tables from evaluation result files")
     p.add_argument("--evals", nargs="+", required=True)

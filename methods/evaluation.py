@@ -30,6 +30,9 @@
   beside the result (:mod:`methods.eval_resume`).  A killed evaluation rerun skips what was
   finished and ends with the same flags and metrics; the defences block is redone from its
   start.  ``resumed`` in the result says what came from earlier sessions.
+* Sharded (``evaluation.autoattack.shards: K``, :mod:`methods.eval_shards`): AutoAttack and
+  its PGD ran in K jobs per sub-attack, each on whole batches of the unsharded run; their files
+  are merged into the same ``autoattack`` block (plus ``shards``), example for example.
 * Progress: a line per unit on stderr (the job's log under Snakemake) with elapsed time and an
   estimate of what remains, weighted by each unit's passes (:func:`unit_weights`), and a tqdm
   bar over batches in a terminal (:mod:`methods.progress`).
@@ -39,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,7 +65,8 @@ from .subsets import stratified_subset
 def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoint: str,
                   data_dir: Path, prepared_dir: Path, result_path: Path, *,
                   device: Optional[str] = None, threads: Optional[int] = None,
-                  meter_backend: Optional[str] = None) -> Dict[str, Any]:
+                  meter_backend: Optional[str] = None,
+                  autoattack_shards: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
     """Evaluate one checkpoint of a trained cell under an evaluation identity.
 
     ``evaluation`` comes from the workflow config (:func:`methods.config.resolve_evaluation`),
@@ -73,6 +77,9 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
     attack label with the normalized spec (``attack``), the threat it used (``threat``) and
     the largest perturbation (``max_distance``), then the defences' entries
     (:func:`evaluate_defenses`; defence specs are checked before any model is loaded too).
+    ``autoattack_shards``: the files of a sharded AutoAttack run
+    (``evaluation.autoattack.shards``, :func:`methods.eval_shards.final_shard_files`), merged
+    into the ``autoattack`` block instead of running AutoAttack here.
     """
     started = time.time()
     ecfg = evaluation
@@ -133,8 +140,11 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
         raise AssertionError("test inputs leave [0, 1]")
 
     aa_on = bool(aa_spec and aa_spec.get("enabled", True))
-    plan = unit_weights(specs, len(y_all), classes, aa_spec if aa_on else None, compare_pgd,
-                        base_threat, defense_specs, defense_attacks, defense_aa)
+    if autoattack_shards and not aa_on:
+        raise ValueError("AutoAttack shard files given, but the evaluation runs no AutoAttack")
+    sharded = bool(autoattack_shards)
+    plan = unit_weights(specs, len(y_all), classes, aa_spec if aa_on and not sharded else None,
+                        compare_pgd, base_threat, defense_specs, defense_attacks, defense_aa)
     partial = PartialEvaluation(result_path, resume_key(ecfg["eval_hash"], cell["train_hash"],
                                                         checkpoint, Path(ckpt_info["file"])),
                                 list(plan))
@@ -164,7 +174,12 @@ def evaluate_cell(train_result_path: Path, evaluation: Dict[str, Any], checkpoin
             metrics[label], _ = units.run(label, attack_unit(spec, label, used),
                                           window=window_name(label))
         aa = None
-        if aa_on:
+        if sharded:   # the shards ran AutoAttack and its PGD (methods.eval_shards)
+            from .eval_shards import merge_autoattack
+            with meter.window("autoattack"):
+                aa = merge_autoattack(autoattack_shards, ecfg, cell, Path(ckpt_info["file"]),
+                                      bundle, base_threat)
+        elif aa_on:
             aa = _autoattack_block(aa_spec, compare_pgd, model, bundle, threat, seed, bs, device,
                                    meter, units)
         defenses = None
