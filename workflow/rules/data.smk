@@ -5,6 +5,8 @@ rule prepare_data:
     params:
         spec=lambda w: json.dumps(config["datasets"][w.dataset]),
         download="--download" if config.get("download") else "",
+    conda:
+        "../../envs/advrepro.conda.yaml"
     log:
         f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
     shell:

@@ -10,6 +10,8 @@ rule bench:
     threads: workflow.cores
     resources:
         gpu=1,
+    conda:
+        "../../envs/advrepro.conda.yaml"
     log:
         f"{RESULTS}/logs/bench/{config['run_name']}.log",
     shell:

@@ -10,6 +10,8 @@ rule aggregate:
     params:
         published=config.get("published", []),
         annotations=lambda wildcards: annotations(),
+    conda:
+        "../../envs/tables.conda.yaml"
     log:
         f"{RESULTS}/logs/aggregate/{{run}}.log",
     shell:
@@ -28,6 +30,8 @@ rule masking_report:
         csv=f"{RESULTS}/tables/masking/{{run}}.csv",
     wildcard_constraints:
         run=r"[^/]+",
+    conda:
+        "../../envs/tables.conda.yaml"
     log:
         f"{RESULTS}/logs/masking_report/{{run}}.log",
     shell:
@@ -46,6 +50,8 @@ rule eps_curves:
         csv=f"{RESULTS}/plots/eps_curves/{{run}}.csv",
     wildcard_constraints:
         run=r"[^/]+",
+    conda:
+        "../../envs/tables.conda.yaml"
     log:
         f"{RESULTS}/logs/eps_curves/{{run}}.log",
     shell:

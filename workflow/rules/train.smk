@@ -14,6 +14,8 @@ rule train:
     priority: train_priority
     resources:
         gpu=1,
+    conda:
+        "../../envs/advrepro.conda.yaml"
     log:
         f"{CELL}/logs/train.log",
     shell:
