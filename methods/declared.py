@@ -47,10 +47,9 @@ def _keyword_args(fn: Optional[ast.FunctionDef]) -> Dict[str, Optional[ast.expr]
 
 
 @functools.lru_cache(maxsize=None)
-def method_parameters() -> Dict[str, Dict[str, Optional[ast.expr]]]:
-    """``{method: {parameter: annotation}}``: the keyword-only arguments of each registered
-    method's ``__init__`` (``threat`` aside), read from ``methods/algorithms`` without importing
-    it."""
+def method_inits() -> Dict[str, Optional[ast.FunctionDef]]:
+    """``{method: its __init__ node}`` for every registered method, an inherited ``__init__``
+    followed through the package's base classes (None when there is none)."""
     found, classes = _registered("algorithms", "METHODS")
     out = {}
     for name, node in found.items():
@@ -60,8 +59,16 @@ def method_parameters() -> Dict[str, Dict[str, Optional[ast.expr]]]:
                          and b.name == "__init__"), None)
             bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
             node = classes[bases[0]] if init is None and bases else None
-        out[name] = _keyword_args(init)
+        out[name] = init
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def method_parameters() -> Dict[str, Dict[str, Optional[ast.expr]]]:
+    """``{method: {parameter: annotation}}``: the keyword-only arguments of each registered
+    method's ``__init__`` (``threat`` aside), read from ``methods/algorithms`` without importing
+    it."""
+    return {name: _keyword_args(init) for name, init in method_inits().items()}
 
 
 @functools.lru_cache(maxsize=None)

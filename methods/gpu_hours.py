@@ -72,6 +72,7 @@ from .config import (REPO_ROOT, SCHEMA_DIR, ConfigError, cell_dir, eval_checkpoi
                      iter_cells, load_raw_recipes, load_recipes, load_yaml, resolve_cell,
                      resolve_evaluation)
 from .config_checks import check_config
+from .declared import method_inits
 from .defenses.specs import is_randomized
 
 # ============================================================================ stated constants
@@ -354,29 +355,10 @@ def _literal(node: Optional[ast.expr]) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def method_defaults() -> Dict[str, Dict[str, Any]]:
-    """``{method: {parameter: default}}`` of every ``@METHODS.register`` class, read from the
-    source of ``methods/algorithms`` with :mod:`ast` (as :mod:`methods.declared` reads the
-    parameters; an inherited ``__init__`` is followed through the package's base classes)."""
-    found: Dict[str, ast.ClassDef] = {}
-    classes: Dict[str, ast.ClassDef] = {}
-    for path in sorted((REPO_ROOT / "methods" / "algorithms").glob("*.py")):
-        for node in ast.parse(path.read_text(), filename=str(path)).body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            classes[node.name] = node
-            for dec in node.decorator_list:
-                if (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
-                        and dec.func.attr == "register" and dec.args
-                        and isinstance(dec.args[0], ast.Constant)):
-                    found[dec.args[0].value] = node
+    """``{method: {parameter: default}}`` of every registered method, read from the source of
+    ``methods/algorithms`` with :mod:`ast` (:func:`methods.declared.method_inits`)."""
     out: Dict[str, Dict[str, Any]] = {}
-    for name, node in found.items():
-        init = None
-        while init is None and node is not None:
-            init = next((b for b in node.body if isinstance(b, ast.FunctionDef)
-                         and b.name == "__init__"), None)
-            bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
-            node = classes[bases[0]] if init is None and bases else None
+    for name, init in method_inits().items():
         args = init.args if init is not None else None
         out[name] = ({a.arg: _literal(d) for a, d in zip(args.kwonlyargs, args.kw_defaults)
                       if a.arg != "threat"} if args is not None else {})

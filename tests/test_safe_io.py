@@ -29,8 +29,9 @@ import methods.data as D
 from methods import results, training
 from methods.builders import load_weights
 from methods.checkpoints import CorruptCheckpointError, UnsafeCheckpointError, load_torch_file
-from methods.config import REPO_ROOT, config_hash
+from methods.config import REPO_ROOT
 from methods.results import write_result
+from tests import helpers
 
 try:
     from .fixtures_data import CodePayload, write_waterbirds
@@ -259,20 +260,10 @@ def fill_disk_for(monkeypatch, suffix: str, room: int = 4096, on_call: int = 1, 
 
 
 def tiny_cell(epochs: int) -> dict:
-    cell = {
-        "dataset": {"name": "mnist5k", "source": "mnist5k"},
-        "arch": {"name": "smallcnn-tiny", "model": "smallcnn", "width": 0.125},
-        "recipe": "standard_tiny", "method": "standard", "method_args": {},
-        "threat": {"norm": "linf", "eps": 0.3}, "normalization": "none", "augmentation": "none",
-        "train": {"epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 2,
-                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  "schedule": {"name": "cyclic", "peak_at": 0.5},
-                  "monitor": {"n": 20, "steps": 1}},
-        "seed": 3,
-        "runtime": {"amp": None, "channels_last": None, "compile": None},
-    }
-    cell["train_hash"] = config_hash({k: v for k, v in cell.items() if k != "train_hash"})
-    return cell
+    """The shared tiny cell (tests.helpers), standard training, 2 steps per epoch."""
+    cell = helpers.tiny_cell("standard", epochs=epochs)
+    cell["train"].update(max_steps_per_epoch=2, monitor={"n": 20, "steps": 1})
+    return helpers.rehash(cell)
 
 
 def train(cell, root: Path, out: Path):
