@@ -3,7 +3,7 @@
 with every file (key, sockets, state, spool, logs, config) under one temporary directory, no
 systemd and nothing written under /etc.  GPUs are fake: gres.conf ``File=`` entries that are
 symlinks to /dev/null, so slurmd hands each job its own CUDA_VISIBLE_DEVICES while torch sees no
-CUDA (jobs run on the CPU).  See /work/shared/design/WORKFLOW_NOTES.md for the pitfalls handled
+CUDA (jobs run on the CPU).  See the README (Clusters) and the project design notes for the pitfalls handled
 here:
 
 - the slurm-jobstep plugin drops ``SLURM_CONF`` before its nested ``srun``; instead of a
