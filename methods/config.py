@@ -242,7 +242,8 @@ def resolve_cell(config: Mapping[str, Any], dataset: str, arch: str, recipe: str
 def resolve_evaluation(config: Mapping[str, Any], recipe: str,
                        recipes: Mapping[str, Dict[str, Any]] | None = None) -> Dict[str, Any]:
     """The evaluation identity for a recipe's cells: the config's ``evaluation`` block deep-merged
-    with the recipe's own ``evaluation`` (which wins), fractions resolved, ``eval_hash`` added.
+    with the recipe's own ``evaluation`` (which wins), then with the config's
+    ``recipe_evaluation[recipe]`` (which wins over both), fractions resolved, ``eval_hash`` added.
 
     ``checkpoints`` is left out: it chooses which outputs exist, not how one is computed.
     """
@@ -250,6 +251,10 @@ def resolve_evaluation(config: Mapping[str, Any], recipe: str,
     if recipe not in recipes:
         raise ConfigError(f"unknown recipe {recipe!r}; known: {sorted(recipes)}")
     spec = deep_merge(config.get("evaluation", {}), recipes[recipe].get("evaluation", {}))
+    # The run config's own additions for this recipe (``recipe_evaluation``), merged last: one
+    # run can give a few recipes an attack the others do not need (claims.yaml: AutoAttack only
+    # where a claim reads it) without a second recipe of the same training.
+    spec = deep_merge(spec, (config.get("recipe_evaluation") or {}).get(recipe, {}))
     spec.pop("checkpoints", None)
     spec = _numbers(spec, "evaluation")
     # Attack specs normalized (defaults filled, labels unique), so an equivalent spelling is the

@@ -20,7 +20,8 @@ schema's defaults and before any rule exists, so a wrong config writes nothing u
    against that method's declared parameters (names, annotated types, :data:`ARG_RULES`); a key
    declared by another method is reported as a recipe whose method does not match its args;
 6. cells: every dataset, arch and recipe named exists;
-7. evaluation: the attack and defence specs of the config and of every recipe
+7. evaluation: the attack and defence specs of the config, of every recipe and of the config's
+   ``recipe_evaluation`` (each a known recipe)
    (:mod:`methods.attack_specs`, :mod:`methods.defenses.specs`), then per recipe a cell uses the
    merged block: unique labels, AutoAttack's ``attacks`` with version ``custom`` only, and
    ``compare_pgd`` under AutoAttack's threat.
@@ -235,6 +236,16 @@ def check_config(config: Mapping[str, Any], root: Path = REPO_ROOT) -> Dict[str,
     used = _check_cells(config, recipes)
     base = config.get("evaluation") or {}
     check_evaluation(base, "evaluation")
+    for name, block in (config.get("recipe_evaluation") or {}).items():
+        if name not in recipes:
+            raise fail(f"recipe_evaluation.{name}", name, f"one of the recipes "
+                       f"{_listing(recipes)}", "unknown recipe")
+        if not isinstance(block, Mapping):
+            raise fail(f"recipe_evaluation.{name}", block, "an evaluation block (a mapping)")
+        if "checkpoints" in block:
+            raise fail(f"recipe_evaluation.{name}.checkpoints", block["checkpoints"],
+                       "absent: the config's evaluation.checkpoints applies to every cell")
+        check_evaluation(block, f"recipe_evaluation.{name}", whole=False)
     for name in sorted(used):
         spec = resolve_evaluation(config, name, recipes)   # the merged block: clashing labels
         note = f" (recipe {name!r}'s evaluation merged over the config's)"
