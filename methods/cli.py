@@ -98,6 +98,31 @@ def _cmd_eps_curves(args) -> None:
           f"({', '.join(shown['panels']) or 'no eps sweep'})")
 
 
+def _cmd_paper_tables(args) -> None:
+    from .paper_tables import write_paper_tables
+
+    written = write_paper_tables([Path(p) for p in args.evals], Path(args.papers),
+                                 [Path(p) for p in args.published],
+                                 json.loads(args.annotations), Path(args.out_dir))
+    print(f"paper tables: {len(written)} files in {args.out_dir}")
+
+
+def _cmd_claims(args) -> None:
+    from .claims import write_claims
+
+    rows = write_claims([Path(p) for p in args.evals], Path(args.definitions),
+                        Path(args.markdown), Path(args.csv), Path(args.tex))
+    verdicts = [r["verdict"] for r in rows]
+    print(f"claims: {len(rows)} tests " + str({v: verdicts.count(v) for v in dict.fromkeys(verdicts)}))
+
+
+def _cmd_plots(args) -> None:
+    from .plots import write_plots
+
+    written = write_plots([Path(p) for p in args.evals], Path(args.claims_csv), Path(args.out_dir))
+    print(f"plots: {len(written)} files in {args.out_dir}")
+
+
 def _cmd_eps_grid(args) -> None:
     from .eps_curves import eps_grid, grid_yaml
 
@@ -207,6 +232,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pdf", default=None)
     p.add_argument("--csv", default=None, help="the plotted points")
     p.set_defaults(func=_cmd_eps_curves)
+
+    p = sub.add_parser("paper-tables", help="one regenerated table per seed paper (Markdown, "
+                                            "LaTeX, CSV): published beside reproduced")
+    p.add_argument("--evals", nargs="*", default=[])
+    p.add_argument("--papers", required=True, help="the paper registry (paper_tables/papers.yaml)")
+    p.add_argument("--published", nargs="*", default=[])
+    p.add_argument("--annotations", default="{}",
+                   help="JSON {recipe: {paper, notes, published}} (methods.config.recipe_annotations)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_paper_tables)
+
+    p = sub.add_parser("claims", help="the headline claims tested as paired comparisons over seeds")
+    p.add_argument("--evals", nargs="*", default=[])
+    p.add_argument("--definitions", required=True,
+                   help="the claims (paper_tables/published/claims.yaml)")
+    p.add_argument("--markdown", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--tex", required=True)
+    p.set_defaults(func=_cmd_claims)
+
+    p = sub.add_parser("plots", help="ablation and diagnostic plots (PNG + PDF, seaborn)")
+    p.add_argument("--evals", nargs="*", default=[])
+    p.add_argument("--claims-csv", required=True, help="the claims table's CSV")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_cmd_plots)
 
     p = sub.add_parser("eps-grid", help="print an eps grid of attack specs as YAML list items "
                                         "for evaluation.attacks")
