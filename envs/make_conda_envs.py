@@ -10,7 +10,7 @@ Snakemake 9.27 does not copy a ``-r requirements.txt`` referenced from a conda f
   bench: torch, torchvision, pyautoattack, mlxtend, nvidia-ml-py, ...);
 * ``tables.conda.yaml``: the table and plot rules (aggregate, masking report, eps curves, paper tables, claims, plots), which
   import no torch (``tests/test_layering.py``): the pins of pandas, seaborn, matplotlib,
-  jsonschema and PyYAML and everything they pull in, read from the installed packages'
+  jsonschema, PyYAML and scipy and everything they pull in, read from the installed packages'
   metadata, so the closure follows the lock file.
 """
 from __future__ import annotations
