@@ -39,6 +39,7 @@ from .eps_curves import curves
 from .lt_metrics import summarize
 from .masking_report import MASKING_GAP_POINTS
 from .masking_report import verdict as masking_verdict
+from .published import load_for_tables
 from .results import atomic_write_text, read_result
 
 HASH_CHARS = 12
@@ -57,8 +58,10 @@ def _pct(m: Optional[Dict[str, Any]]) -> str:
 
 
 def load_published(paths: List[Path]) -> pd.DataFrame:
-    frames = [pd.read_csv(p).assign(file=p.name) for p in paths if Path(p).exists()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """The published rows the tables set beside reproduced numbers: the structured CSVs
+    validated against their schema, ``value`` the source's text (:func:`methods.published.
+    load_for_tables`)."""
+    return load_for_tables(paths)
 
 
 #: How the published CSVs name the datasets a cell may use: CSV name (the text before any

@@ -53,7 +53,8 @@ def test_evaluation_does_not_import_the_training_loop():
 @pytest.mark.parametrize("name", ["methods.tables", "methods.cost_plot", "methods.config",
                                   "methods.attack_specs", "methods.lt_metrics",
                                   "methods.masking_report", "methods.eps_curves",
-                                  "methods.bench_tables", "methods.gpu_hours"])
+                                  "methods.bench_tables", "methods.gpu_hours",
+                                  "methods.published", "methods.published_build"])
 def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
     mods = imported_modules(name)
     assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
