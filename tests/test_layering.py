@@ -54,7 +54,8 @@ def test_evaluation_does_not_import_the_training_loop():
                                   "methods.attack_specs", "methods.lt_metrics",
                                   "methods.masking_report", "methods.eps_curves",
                                   "methods.bench_tables", "methods.gpu_hours",
-                                  "methods.published", "methods.published_build"])
+                                  "methods.published", "methods.published_build",
+                                  "methods.plots", "methods.plot_data"])
 def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
     mods = imported_modules(name)
     assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
