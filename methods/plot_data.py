@@ -99,7 +99,8 @@ def method_defaults(method: str) -> Dict[str, Any]:
 def cell_identity(cell: Mapping[str, Any]) -> Dict[str, Any]:
     """The flattened cell without its naming fields, ``method_args`` completed with defaults."""
     body = {k: v for k, v in cell.items() if k not in NAMING_FIELDS}
-    body["method_args"] = {**method_defaults(str(cell["method"])), **(cell.get("method_args") or {})}
+    body["method_args"] = {**method_defaults(str(cell["method"])),
+                           **(cell.get("method_args") or {})}
     return flatten(body)
 
 
@@ -124,8 +125,9 @@ def load_points(eval_paths: Sequence[Path]) -> List[Point]:
         cell, tr, cost = row["_cell"], row["_train"], costs[path]
         fgsm = _plain_fgsm(row["_metrics"])
         history = list(tr.get("history") or [])
+        flagged = {int(h["epoch"]) for h in history if h.get("catastrophic_overfitting")}
         co_epochs = sorted(set((tr.get("catastrophic_overfitting") or {}).get("epochs") or [])
-                           | {int(h["epoch"]) for h in history if h.get("catastrophic_overfitting")})
+                           | flagged)
         passes = tr["passes"]["per_example"]
         point = Point(
             file=path, dataset=row["dataset"], arch=row["arch"], method=row["method"],
@@ -224,7 +226,8 @@ def panels_of(points: Sequence[Point]) -> List[Tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- claims CSV
-#: The claims CSV's columns (written by :mod:`methods.claims`) that the interval plot reads.
+#: The claims CSV's columns (:data:`methods.claims.CSV_COLUMNS`) that the interval plot reads
+#: (``role``, a premise or a test, is read where present).
 CLAIMS_COLUMNS = ("claim_id", "test_id", "test", "context", "diff_mean", "ci_low", "ci_high",
                   "margin", "direction", "verdict", "reason", "values_a", "values_b")
 

@@ -21,7 +21,8 @@ its CSV then holds only its header (:data:`COLUMNS`).
   mean and 95% t-intervals over seeds per recipe.
 * ``claims_intervals``: the claims CSV (:mod:`methods.claims`): per test the paired difference
   a - b in points with its 95% interval, zero line, +-margin shaded for equivalence tests,
-  colour by verdict, per-seed differences as dots; tests without an interval as text rows.
+  dashed margin for at-most tests, colour by verdict, per-seed differences as ticks; tests
+  without an interval (not run, too few seeds) as text rows.
 
 Colours: one per method (:func:`method_palette`, fixed over the registered methods, so the same
 in every plot and run) and one per selection rule (:data:`SELECTION_COLORS`).  PDFs carry no
@@ -151,7 +152,8 @@ def method_palette() -> Dict[str, Any]:
 
     names = sorted(method_inits())
     colors = sns.color_palette("tab10", 10) + [to_rgb(c) for c in EXTRA_METHOD_COLORS]
-    return dict(zip(names, colors[:len(names)] + sns.color_palette("husl", max(0, len(names) - len(colors)))))
+    more = sns.color_palette("husl", max(0, len(names) - len(colors)))
+    return dict(zip(names, colors[:len(names)] + more))
 
 
 def _color(method: str) -> Any:
@@ -297,7 +299,8 @@ def _reference(ax, points: Sequence["Point"], method: str, dataset: str, arch: s
             ax.axhspan(st["ci_low"], st["ci_high"], color=color, alpha=0.1, lw=0)
         rows.append({"dataset": dataset, "arch": arch, "panel": f"reference ({panel})",
                      "line": f"reference: {recipe}", "method": method, "x": None,
-                     "attack": "PGD", "attack_label": "; ".join(sorted({str(p.pgd_label) for p in pts})),
+                     "attack": "PGD",
+                     "attack_label": "; ".join(sorted({str(p.pgd_label) for p in pts})),
                      "n_seeds": st["n"], "acc_mean_pct": st["mean"],
                      "acc_ci_low_pct": st["ci_low"], "acc_ci_high_pct": st["ci_high"],
                      "seeds": str([p.seed for p in pts]), "values_pct": str(values),
@@ -470,7 +473,8 @@ def draw_monitor_curves(points: Sequence["Point"], claims_csv: Path) -> Rendered
                     ax.axvline(e, color=color, ls=":", lw=0.7)
                     ax.scatter([e], [100 * h["pgd_acc"]], marker="X", s=45, color=color,
                                edgecolor="black", linewidth=0.5, zorder=6)
-        ax.set_title(method)
+        steps = sorted({str(p.monitor.get("steps")) for p in mine if p.monitor.get("steps")})
+        ax.set_title(method + (f" (monitor PGD-{'/'.join(steps)})" if steps else ""))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("monitor accuracy (%)")
@@ -523,7 +527,8 @@ def draw_cost_vs_robustness(points: Sequence["Point"], claims_csv: Path) -> Rend
                 st = seed_stats([_pct(get(p)) for p in g])
                 if not st["n"]:
                     continue
-                name = "; ".join(sorted({str(p.pgd_label) for p in g})) if metric == "PGD" else metric
+                name = ("; ".join(sorted({str(p.pgd_label) for p in g})) if metric == "PGD"
+                        else metric)
                 row = {"dataset": dataset, "arch": arch, "method": method, "recipe": recipe,
                        "metric": name, "n_seeds": st["n"], "acc_mean_pct": st["mean"],
                        "acc_ci_low_pct": st["ci_low"], "acc_ci_high_pct": st["ci_high"],
@@ -581,6 +586,7 @@ def _cost_legend(ax, rows, dataset, arch) -> None:
 # ----------------------------------------------------------------------------- claims
 def draw_claims_intervals(points: Sequence["Point"], claims_csv: Path) -> Rendered:
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     from .plot_data import read_claims
@@ -599,20 +605,26 @@ def draw_claims_intervals(points: Sequence["Point"], claims_csv: Path) -> Render
     labels = []
     for i, c in enumerate(claims):
         y = n - 1 - i
-        label = textwrap.shorten(f"{c['claim_id']}/{c['test_id']}: {c['test']} [{c['context']}]",
+        role = "" if str(c.get("role", "test")) in ("test", "nan") else f" ({c['role']})"
+        context = "" if str(c["context"]) in ("", "nan") else f" [{c['context']}]"
+        label = textwrap.shorten(f"{c['claim_id']}/{c['test_id']}{role}: {c['test']}{context}",
                                  78, placeholder="...")
         labels.append((y, label))
         verdict = str(c.get("verdict") or "not run")
         color = VERDICT_COLORS.get(verdict, "black")
         margin = c["margin"]
-        if margin == margin and str(c.get("direction")) == "equivalent":
+        direction = str(c.get("direction"))
+        if margin == margin and direction == "equivalent":
             ax.fill_betweenx([y - 0.4, y + 0.4], -margin, margin, color="tab:blue", alpha=0.12,
                              lw=0)
+        elif margin == margin and direction == "at_most":
+            ax.plot([margin, margin], [y - 0.4, y + 0.4], color="tab:blue", ls="--", lw=1.0)
         mean, lo, hi = c["diff_mean"], c["ci_low"], c["ci_high"]
         if verdict == "not run" or mean != mean:
             reason = str(c.get("reason") or "")
             reason = "" if reason == "nan" else reason
-            ax.text(0.02, y, textwrap.shorten(f"{verdict}: {reason}", 90, placeholder="..."),
+            said = reason if reason.startswith(verdict) else f"{verdict}: {reason}"
+            ax.text(0.02, y, textwrap.shorten(said, 90, placeholder="..."),
                     transform=text_x, va="center", fontsize=6, color=color, style="italic",
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0}, zorder=4)
             drawn = "text"
@@ -637,6 +649,7 @@ def draw_claims_intervals(points: Sequence["Point"], claims_csv: Path) -> Render
         ax.set_xlabel("paired difference a - b (percentage points)")
         handles = [Patch(color=col, label=v) for v, col in VERDICT_COLORS.items()]
         handles.append(Patch(color="tab:blue", alpha=0.2, label="+-margin (equivalence)"))
+        handles.append(Line2D([], [], color="tab:blue", ls="--", label="margin (at most)"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=6)
     _finish(fig, "Point: mean paired difference over seeds; bar: its 95% t-interval; ticks: "
                  "per-seed differences; tests without an interval are listed as text.")

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from scipy.stats import t
 
+from methods.claims import CSV_COLUMNS
 from methods.cli import main
 from methods.config import REPO_ROOT, config_hash
 from methods.plot_data import load_points, seed_stats
@@ -87,9 +88,11 @@ def claims_csv(path):
          "test": "mixup vs standard under AutoAttack", "context": "mnist5k", "side_a": "mixup",
          "side_b": "standard", "metric": "AutoAttack", "n_seeds": 0, "values_a": "[]",
          "values_b": "[]", "diff_mean": "", "ci_low": "", "ci_high": "", "margin": "",
-         "direction": "greater", "verdict": "not run", "reason": "no AutoAttack in this run"},
+         "direction": "greater", "verdict": "not run",
+         "reason": "not run: no cells of mixup in this run "
+                   "(workflow/config/claims.yaml runs them)"},
     ]
-    pd.DataFrame(rows).to_csv(path, index=False)
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)   # claims.py's columns
     return path
 
 
@@ -149,7 +152,8 @@ def test_train_eps_sweep_points_are_seed_means_with_t_intervals_and_co_flags(run
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
         half = t.ppf(0.975, 2) * sd / math.sqrt(3)
         assert row.acc_mean_pct == pytest.approx(mean)
-        assert (row.acc_ci_low_pct, row.acc_ci_high_pct) == pytest.approx((mean - half, mean + half))
+        assert (row.acc_ci_low_pct, row.acc_ci_high_pct) == pytest.approx((mean - half,
+                                                                           mean + half))
         assert row.n_seeds == 3 and row.co_seeds == (1 if eps == 0.3 else 0)
         assert row.attack_label == "PGD-40-1-alpha=0.01"
     fgsm = sweep[(sweep.method == "fgsm_rs") & (sweep.attack == "FGSM")].sort_values("x")
@@ -204,7 +208,7 @@ def test_claims_drawn_as_intervals_with_margin_and_a_not_run_text_row(run):
     shown = render("claims_intervals", [], run["root"] / "claims.csv")
     ax = shown.fig.axes[0]
     texts = [t.get_text() for t in ax.texts]
-    assert any(t.startswith("not run: no AutoAttack") for t in texts)
+    assert any(t.startswith("not run: no cells of mixup") for t in texts)
     assert len(ax.collections) >= 1                           # the shaded +-margin band
     shown.fig.clf()
 
