@@ -91,10 +91,16 @@ def all_evaluations():
             for cell in CELLS for ckpt in eval_checkpoints(config)]
 
 
+# The HTML report (`snakemake --report <file>.html`, or --report-after-run at the end of a run):
+# this description, then every table and figure the rules wrap in report(...).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/measure.smk"
 
 localrules: all, aggregate
@@ -109,3 +115,7 @@ rule all:
         f"{RESULTS}/plots/eps_curves/{config['run_name']}.png",
         f"{RESULTS}/plots/eps_curves/{config['run_name']}.pdf",
         f"{RESULTS}/plots/eps_curves/{config['run_name']}.csv",
+        rules.paper_tables.output,
+        rules.claims.output,
+        rules.plots.output,
+        rules.report_tables_html.output,

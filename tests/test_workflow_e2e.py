@@ -18,11 +18,9 @@ def snakemake(*args, cwd=REPO_ROOT):
 
 
 @pytest.mark.e2e
-def test_smoke_workflow_runs_end_to_end(tmp_path):
-    results, data = tmp_path / "results", tmp_path / "data"
-    overrides = ["--config", f"results_dir={results}", f"data_dir={data}"]
-    done = snakemake("--cores", "2", "--resources", "gpu=1", "--configfile",
-                     "workflow/config/smoke.yaml", *overrides)
+def test_smoke_workflow_runs_end_to_end(smoke_run, tmp_path):
+    # The run itself is the session fixture tests/conftest.py:smoke_run (shared with test_report).
+    results, overrides, done = smoke_run.results, smoke_run.overrides, smoke_run.done
     assert done.returncode == 0, done.stderr[-3000:]
 
     table = (results / "tables" / "smoke.md").read_text()
@@ -93,11 +91,12 @@ def check_identities(config, cells, results, overrides, tmp_path):
         pgd_columns = [k for k in ev["metrics"] if k.startswith("PGD-3-")]
         assert len(pgd_columns) == 2, ev["metrics"].keys()   # two eps, two columns
 
-    # A note or a published-row link: only the tables.
+    # A note or a published-row link: only the tables that show annotations (and their pages).
     noted = copy.deepcopy(evaluated)
     noted["recipe_overrides"] = {**noted.get("recipe_overrides", {}), "notes": "edited note"}
     plan = dry_run(noted, tmp_path, "noted", overrides)
-    assert set(plan) <= {"aggregate", "all"} and plan.get("aggregate") == 1, plan
+    assert set(plan) <= {"aggregate", "paper_tables", "report_tables_html", "all"}, plan
+    assert plan.get("aggregate") == 1 and plan.get("paper_tables") == 1, plan
 
     # Where jobs run: nothing.
     moved = copy.deepcopy(evaluated)
