@@ -4,7 +4,7 @@ Markdown only as downloads, so every Markdown table of the run is also rendered 
 report(...); the CSVs (numbers as numbers) are reported beside them by the table rules."""
 
 #: (Markdown table, its HTML page, caption, category, subcategory) for every table of the run.
-REPORT_HTML = RESULTS + "/report/" + config["run_name"]
+REPORT_HTML = f"{RESULTS}/report/{config['run_name']}"
 REPORT_TABLES = [
     (rules.aggregate.output.markdown, f"{REPORT_HTML}/run_table.html", "run_table.rst", "Tables",
      "Run table"),
@@ -44,5 +44,6 @@ rule report_tables_html:
         f"{RESULTS}/logs/report_tables_html/{config['run_name']}.log",
     shell:
         "{PY} {input.script:q} {params.pairs:q} > {log} 2>&1"
+
 
 localrules: report_tables_html

@@ -28,6 +28,9 @@ def paper_table_keys():
     return [str(t["key"]) for t in tables]
 
 
+PAPER_KEYS = paper_table_keys()
+
+
 def plot_names():
     """methods.plots.PLOTS: the fixed set of plots rule `plots` writes (imported here, no torch)."""
     from methods.plots import PLOTS
@@ -110,8 +113,6 @@ rule eps_curves:
         "--pdf {output.pdf:q} --csv {output.csv:q} > {log} 2>&1"
 
 
-
-
 rule paper_tables:
     """One regenerated table per seed paper of paper_tables/papers.yaml (Markdown, LaTeX, CSV)
     and index.md: published numbers beside this run's (methods/paper_tables.py)."""
@@ -120,11 +121,11 @@ rule paper_tables:
         papers=PAPER_REGISTRY,
         published=config.get("published", []),
     output:
-        markdown=[f"{PAPER_TABLES}/papers/{key}.md" for key in paper_table_keys()],
-        tex=[f"{PAPER_TABLES}/papers/{key}.tex" for key in paper_table_keys()],
+        markdown=[f"{PAPER_TABLES}/papers/{key}.md" for key in PAPER_KEYS],
+        tex=[f"{PAPER_TABLES}/papers/{key}.tex" for key in PAPER_KEYS],
         csv=[table_report(f"{PAPER_TABLES}/papers/{key}.csv", "paper_tables.rst", "Paper tables",
                           key)
-             for key in paper_table_keys()],
+             for key in PAPER_KEYS],
         index=f"{PAPER_TABLES}/papers/index.md",
     params:
         out_dir=f"{PAPER_TABLES}/papers",
