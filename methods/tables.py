@@ -41,6 +41,7 @@ from .masking_report import MASKING_GAP_POINTS
 from .masking_report import verdict as masking_verdict
 from .published import load_for_tables
 from .results import atomic_write_text, read_result
+from .text_escape import md_cell
 
 HASH_CHARS = 12
 #: An FGSM/PGD curve with at least this many distinct attack eps is an eps sweep: its columns
@@ -249,7 +250,7 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
     if swept:
         caption += (f"  {len(swept)} further columns of eps sweeps (FGSM/PGD at other eps) "
                     "are in the CSV and the eps-curve plot.")
-    lines = [caption, "", "| " + " | ".join(_cell_text(h) for h in head) + " |",
+    lines = [caption, "", "| " + " | ".join(md_cell(h) for h in head) + " |",
              "|" + "---|" * len(head)]
     key = lambda r: (r["dataset"], r["arch"], r["method"], r["recipe"], r["seed"], r["checkpoint"])
     for r in sorted(rows, key=key):
@@ -271,7 +272,7 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
     if diverged:
         lines += ["", "**DIVERGED** rows stopped training at a non-finite loss or weights; their "
                   "checkpoints hold the last finished epoch's weights:", ""]
-        lines += [f"- {recipe} seed {seed}: {_cell_text(message)}" for recipe, seed, message in diverged]
+        lines += [f"- {recipe} seed {seed}: {md_cell(message)}" for recipe, seed, message in diverged]
     published_lines = []
     for r in sorted(rows, key=key):
         for p in published_for(r["_cell"], annotations.get(r["recipe"]), pub):
@@ -284,7 +285,7 @@ def render_markdown(rows: List[Dict[str, Any]], pub: pd.DataFrame,
                   "| recipe | paper | dataset | method | attack | metric | value | source |",
                   "|---|---|---|---|---|---|---|---|"] + sorted(set(published_lines))
     lines += scenario_lines(rows, key)
-    notes = [f"| {name} | {_cell_text(a.get('paper'))} | {_cell_text(a.get('notes'))} |"
+    notes = [f"| {name} | {md_cell(a.get('paper'))} | {md_cell(a.get('notes'))} |"
              for name, a in sorted(annotations.items())
              if name in {r["recipe"] for r in rows} and (a.get("paper") or a.get("notes"))]
     if notes:
@@ -323,7 +324,7 @@ def scenario_lines(rows: List[Dict[str, Any]], key) -> List[str]:
         try:
             summary = summarize(r["_record"], r["_train"])
         except ValueError as e:   # an older file without per-class counts
-            out.append(f"| {r['dataset']} | {r['recipe']} | {r['checkpoint']} | n/a ({_cell_text(e)}) |"
+            out.append(f"| {r['dataset']} | {r['recipe']} | {r['checkpoint']} | n/a ({md_cell(e)}) |"
                        + " |" * 9)
             continue
         res = summary["results"]
@@ -339,8 +340,3 @@ def scenario_lines(rows: List[Dict[str, Any]], key) -> List[str]:
             _acc_text(aa.get("few", {}).get("acc")) if aa else "n/a", wg(aa),
             f"{shots['many_threshold']:g}, {shots['few_threshold']:g}"]) + " |")
     return out
-
-
-def _cell_text(text: Any) -> str:
-    """Free text as one Markdown table cell (no line breaks, no bare pipes)."""
-    return " ".join(str(text or "").split()).replace("|", "\\|")
