@@ -13,8 +13,10 @@ import yaml
 from scipy.stats import t as student_t
 
 from methods.config import REPO_ROOT
-from methods.paper_tables import (CSV_COLUMNS, ONE_SEED, Band, band, load_papers, t_975,
-                                  tex_escape, verdict, write_paper_tables)
+from methods.paper_tables import load_papers, write_paper_tables
+from methods.paper_tables_band import ONE_SEED, Band, band, verdict
+from methods.paper_tables_compare import CSV_COLUMNS
+from methods.text_escape import md_cell, tex_escape
 from methods.results import write_result
 from tests.test_masking_report import C10, PGD10, acc, record
 
@@ -23,11 +25,6 @@ PGD50 = {**PGD10, "steps": 50, "restarts": 10}
 
 
 # ----------------------------------------------------------------------------- the band
-@pytest.mark.parametrize("df", list(range(1, 31)) + [31, 45, 60, 120, 500])
-def test_t_quantile_matches_scipy(df):
-    assert t_975(df) == pytest.approx(student_t.ppf(0.975, df), abs=1e-5)
-
-
 def direct_band(accs, totals):
     """The caption's rule, computed here independently (points)."""
     n = len(accs)
@@ -46,6 +43,25 @@ def test_band_is_the_caption_rule(accs, totals):
     assert (b.n, b.mean, b.half_width) == (len(accs), pytest.approx(mean), pytest.approx(hw))
     assert (b.low, b.high) == (pytest.approx(mean - hw), pytest.approx(mean + hw))
     assert (b.rule == ONE_SEED) == (len(accs) == 1)
+
+
+#: t(0.975, df) as printed in Student's t tables (3 decimals): independent of scipy.
+PRINTED_T = {1: 12.706, 2: 4.303, 9: 2.262, 29: 2.045, 39: 2.023, 119: 1.980}
+
+
+@pytest.mark.parametrize("df", sorted(PRINTED_T))
+def test_band_uses_t_with_n_minus_one_degrees_of_freedom(df):
+    """The half-width over n = df + 1 seeds, computed here with the printed t quantile."""
+    n = df + 1
+    accs = [0.45 + 0.01 * ((7 * i) % 11) for i in range(n)]
+    totals = [200 + 10 * (i % 4) for i in range(n)]
+    mean = sum(accs) / n
+    s2 = sum((p - mean) ** 2 for p in accs) / (n - 1)
+    v = sum(p * (1 - p) / k for p, k in zip(accs, totals)) / n
+    b = band(accs, totals)
+    assert b.rule == f"t(0.975, {df})" and b.n == n and b.mean == pytest.approx(100 * mean)
+    assert b.half_width == pytest.approx(100 * PRINTED_T[df] * math.sqrt(s2 / n + v / n),
+                                         rel=3e-4)   # the printed t's rounding
 
 
 def test_verdicts_of_values_and_bounds():
@@ -309,6 +325,14 @@ def test_latex_cells_are_escaped(run):
     assert tex_escape("a_b%c&d{e}~^\\") == r"a\_b\%c\&d\{e\}\textasciitilde{}\textasciicircum{}\textbackslash{}"
 
 
+def test_shared_escaping_keeps_a_value_on_one_line():
+    """methods.text_escape, shared with methods.tables and methods.claims: None is empty, a zero
+    stays (the claims table's "0 seeds"), whitespace collapses, pipes and < > are escaped."""
+    assert [md_cell(v) for v in (None, 0, "a|b\n  c ", 1.5)] == ["", "0", "a\\|b c", "1.5"]
+    assert tex_escape("x <= y >\n 0") == r"x \textless{}= y \textgreater{} 0"
+    assert tex_escape(None) == "" and tex_escape(0) == "0"
+
+
 def test_paper_tables_import_no_torch():
     code = ("import sys, methods.paper_tables; "
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')"
@@ -318,12 +342,3 @@ def test_paper_tables_import_no_torch():
                           text=True, timeout=120)
     assert done.returncode == 0, f"imported: {done.stdout} {done.stderr}"
 
-
-def test_paper_tables_layering_by_its_imports():
-    """The AST rule of tests/test_layering.py, for this renderer."""
-    from tests.test_layering import imported_modules
-
-    mods = imported_modules("methods.paper_tables")
-    assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
-    assert not mods & {"methods.training", "methods.evaluation", "methods.bench",
-                       "methods.builders"}, mods
