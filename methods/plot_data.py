@@ -15,7 +15,8 @@ the hash -- e.g. ``fgsm_rs_mnist``, ``fgsm_rs_mnist-eps0.2``, ``-eps0.3`` differ
 ``bb_single_gs`` and ``bb_ablate_m``) give one point: the first recipe in name order.
 
 Intervals over seeds (:func:`seed_stats`): mean with the two-sided 95% Student-t interval
-``mean +- t(0.975, n-1) * sd / sqrt(n)`` (sd with n-1); none for a single seed.
+``mean +- t(0.975, n-1) * sd / sqrt(n)`` (sd with n-1); none for a single seed.  The interval
+is :func:`methods.claims.paired_interval`'s, the one the claims' verdicts use.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .cost_plot import result_points
+from .claims import paired_interval
+from .cost_plot import COST_FIELDS, result_points
 from .declared import method_inits
 from .tables import rows_from_results
 
@@ -139,8 +141,7 @@ def load_points(eval_paths: Sequence[Path]) -> List[Point]:
             co=bool(row.get("co_detected")) or bool(co_epochs), co_epochs=co_epochs,
             passes_per_example=(float(passes["forward"]) + float(passes["backward"])
                                 if "forward" in passes and "backward" in passes else None),
-            cost={k: cost.get(k) for k in ("wall_s", "cpu_s", "gpu_s", "gpu_energy_j",
-                                           "cpu_energy_j")},
+            cost={k: cost.get(k) for k in COST_FIELDS},
             history=history, monitor=dict(tr.get("monitor") or {}))
         key = cell["train_hash"]
         if key not in chosen or (chosen[key].checkpoint != PREFERRED_CHECKPOINT
@@ -152,19 +153,14 @@ def load_points(eval_paths: Sequence[Path]) -> List[Point]:
 # ----------------------------------------------------------------------------- seed statistics
 def seed_stats(values: Sequence[float]) -> Dict[str, Any]:
     """``{"n", "mean", "ci_low", "ci_high"}`` over ``values`` (module docstring); ``None``
-    entries are dropped; the interval is NaN for fewer than two values."""
-    from scipy.stats import t
-
+    and NaN entries are dropped; the interval is NaN for fewer than two values."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    n = len(vals)
-    if not n:
+    if not vals:
         return {"n": 0, "mean": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    mean = sum(vals) / n
-    if n < 2:
-        return {"n": 1, "mean": mean, "ci_low": math.nan, "ci_high": math.nan}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+    mean, low, high = paired_interval(vals, level=0.95)
+    if low is None or high is None:
+        return {"n": len(vals), "mean": mean, "ci_low": math.nan, "ci_high": math.nan}
+    return {"n": len(vals), "mean": mean, "ci_low": float(low), "ci_high": float(high)}
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -186,7 +182,8 @@ def _short(path: str) -> str:
     return path.split(".")[-1]
 
 
-def _text(v: Any) -> str:
+def value_text(v: Any) -> str:
+    """A cell value as a label: floats in ``%g`` (0.25, 1e-05), anything else ``str``."""
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -213,11 +210,11 @@ def sweep_lines(points: Sequence[Point], x: str, hue: Optional[str] = None,
         peers = [k for k in kept if k[:3] == key[:3] and k != key]
         differs = sorted(path for path in rests[key]
                          if any(rests[k].get(path) != rests[key][path] for k in peers))
-        extra = ", ".join(f"{_short(d)}={_text(rests[key][d])}" for d in differs)
-        label = ", ".join(s for s in (_text(hue_value) if hue else "", extra) if s) or "all"
+        extra = ", ".join(f"{_short(d)}={value_text(rests[key][d])}" for d in differs)
+        label = ", ".join(s for s in (value_text(hue_value) if hue else "", extra) if s) or "all"
         by_x = {xv: [seeds[s] for s in sorted(seeds)] for xv, seeds in groups[key].items()}
         lines.append(Line(dataset, arch, hue_value, label, by_x))
-    return sorted(lines, key=lambda l: (l.dataset, l.arch, _text(l.hue), l.label))
+    return sorted(lines, key=lambda l: (l.dataset, l.arch, value_text(l.hue), l.label))
 
 
 def panels_of(points: Sequence[Point]) -> List[Tuple[str, str]]:

@@ -55,7 +55,11 @@ def test_evaluation_does_not_import_the_training_loop():
                                   "methods.masking_report", "methods.eps_curves",
                                   "methods.bench_tables", "methods.gpu_hours",
                                   "methods.published", "methods.published_build",
-                                  "methods.plots", "methods.plot_data"])
+                                  "methods.plots", "methods.plot_data",
+                                  "methods.plots_style",
+                                  "methods.plots_sweeps",
+                                  "methods.plots_training",
+                                  "methods.plots_claims"])
 def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
     mods = imported_modules(name)
     assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
