@@ -59,7 +59,7 @@ NAME_TEXT = ("letters, digits, '_', '.' and '-', not starting with '.' or '-' (i
              "directory or file name)")
 PATH_CHARS = re.compile(r"[\s$`'\"\\;&|<>*?()\[\]{}!#]")
 #: Directories the workflow writes directly under results_dir; a dataset of that name would mix.
-RESERVED_DATASET_NAMES = ("bench", "data", "logs", "plots", "tables")
+RESERVED_DATASET_NAMES = ("bench", "data", "logs", "paper_tables", "plots", "report", "tables")
 #: Sources by kind, as methods.data registers them (spurious_colour, resizable, official_val).
 COLOURED_SOURCES = ("cmnist", "cmnist5k")
 RESIZING_SOURCES = ("celeba", "waterbirds")
