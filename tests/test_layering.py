@@ -59,7 +59,11 @@ def test_evaluation_does_not_import_the_training_loop():
                                   "methods.plots_style",
                                   "methods.plots_sweeps",
                                   "methods.plots_training",
-                                  "methods.plots_claims"])
+                                  "methods.plots_claims",
+                                  "methods.claims", "methods.text_escape",
+                                  "methods.paper_tables", "methods.paper_tables_band",
+                                  "methods.paper_tables_measure", "methods.paper_tables_compare",
+                                  "methods.paper_tables_render"])
 def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
     mods = imported_modules(name)
     assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods
