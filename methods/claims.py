@@ -195,19 +195,23 @@ def judge(direction: str, low: Optional[float], high: Optional[float], n: int, m
 
 
 # --------------------------------------------------------------------------- one test
-def _context(row: Mapping[str, Any], same: Sequence[str]) -> Tuple:
+def _context(row: Mapping[str, Any], same: Sequence[str], same_train: bool = True) -> Tuple:
+    """Where two cells compare: dataset, arch, threat eps, the ``same`` method_args, and (unless
+    the test sets ``same_train: false``) the training block -- epochs, batch, optimizer and
+    schedule -- so a side never meets a cell trained under another budget or schedule."""
     args = row["_cell"].get("method_args") or {}
+    train = json.dumps(row["_cell"].get("train"), sort_keys=True) if same_train else ""
     return (row["dataset"], row["arch"], float(row["eps"])) + tuple(
-        json.dumps(args.get(k), sort_keys=True) for k in same)
+        json.dumps(args.get(k), sort_keys=True) for k in same) + (train,)
 
 
-def _by_seed(rows: List[Mapping[str, Any]], side: Mapping[str, Any], same: Sequence[str]
-             ) -> Dict[Tuple, Dict[str, Dict[int, Mapping[str, Any]]]]:
+def _by_seed(rows: List[Mapping[str, Any]], side: Mapping[str, Any], same: Sequence[str],
+             same_train: bool) -> Dict[Tuple, Dict[str, Dict[int, Mapping[str, Any]]]]:
     """context -> recipe -> seed -> row, for the rows on ``side``."""
     out: Dict[Tuple, Dict[str, Dict[int, Mapping[str, Any]]]] = {}
     for r in rows:
         if selects(r, side):
-            out.setdefault(_context(r, same), {}).setdefault(r["recipe"], {})[int(r["seed"])] = r
+            out.setdefault(_context(r, same, same_train), {}).setdefault(r["recipe"], {})[int(r["seed"])] = r
     return out
 
 
@@ -229,7 +233,9 @@ def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapp
             "test_id": test["id"], "test": f"{side_text(a_side)} - {side_text(b_side)}",
             "role": test.get("role", "test"), "metric": metric, "direction": test["direction"],
             "margin": test.get("margin")}
-    a_cells, b_cells = _by_seed(rows, a_side, same), _by_seed(rows, b_side, same)
+    same_train = test.get("same_train", True)
+    a_cells, b_cells = (_by_seed(rows, a_side, same, same_train),
+                        _by_seed(rows, b_side, same, same_train))
     one_selection = ({k: v for k, v in a_side.items() if k != "metric"}
                      == {k: v for k, v in b_side.items() if k != "metric"})
     out = []
@@ -245,7 +251,7 @@ def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapp
         missing = [side_text(s) for s, cells in ((a_side, a_cells), (b_side, b_cells)) if not cells]
         why = (f"no cells of {' and '.join(missing)} in this run" if missing
                else "no context (dataset, arch, eps" + (", " + ", ".join(same) if same else "")
-               + ") where both sides ran")
+               + (", training block" if same_train else "") + ") where both sides ran")
         out.append({**base, "context": "", "side_a": side_text(a_side), "side_b": side_text(b_side),
                     "n_seeds": 0, "seeds": "[]", "values_a": "[]", "values_b": "[]",
                     "diff_mean": None, "ci_low": None, "ci_high": None, "verdict": "not run",

@@ -28,7 +28,7 @@ def _acc(acc, n=1000):
 
 
 def record(method, recipe, seed, clean, pgd=None, fgsm=None, eps=0.1, dataset="mnist5k",
-           args=None, aa=None, defenses=None, passes=None, co=False):
+           args=None, aa=None, defenses=None, passes=None, co=False, train=None):
     """An evaluation record (and its train record) as the result files hold them."""
     metrics = {"clean": _acc(clean)}
     for spec, acc in ((FGSM, fgsm), (PGD, pgd)):
@@ -39,7 +39,8 @@ def record(method, recipe, seed, clean, pgd=None, fgsm=None, eps=0.1, dataset="m
         metrics[f"{label} | x | {mode}"] = {**_acc(acc), "defense": {"label": label, "name": label},
                                             "mode": mode}
     cell = {"dataset": {"name": dataset}, "arch": {"name": "smallcnn-w0.5"}, "method": method,
-            "recipe": recipe, "seed": seed, "method_args": args or {}, "train_hash": "t" * 64}
+            "recipe": recipe, "seed": seed, "method_args": args or {}, "train_hash": "t" * 64,
+            "train": train or {"epochs": 10, "optimizer": {"name": "adam", "lr": 1e-3}}}
     ev = {"cell": cell, "checkpoint": {"name": "last", "epoch": 9},
           "threat": {"norm": "linf", "eps": eps}, "metrics": metrics, "test_examples": 1000,
           "autoattack": None if aa is None else {**_acc(aa, 100), "n": 100, "version": "standard"},
@@ -136,6 +137,16 @@ def test_same_args_pair_only_equal_values():
     tests, _ = evaluate_claims(claims_doc(test), rows)
     assert sorted((t["side_a"], t["side_b"]) for t in tests) == [("m0.25", "r0.25"), ("m0.5", "r0.5")]
     assert all("rho=" in t["context"] for t in tests)
+
+
+def test_cells_trained_under_another_schedule_never_pair_unless_the_test_allows_it():
+    rows = [record("bb", "bb_gs", s, 0.95, pgd=0.9 + s / 100) for s in range(3)]
+    rows += [record("bb", "bb_multistep", s, 0.95, pgd=0.2, train={"epochs": 64}) for s in range(3)]
+    rows += [record("nfgsm", "nf", s, 0.95, pgd=0.85, args={"attack_mode": "train"}) for s in range(3)]
+    tests, _ = evaluate_claims(claims_doc(GREATER), rows)
+    assert [(t["side_a"], t["side_b"]) for t in tests] == [("bb_gs", "nf")]
+    loose, _ = evaluate_claims(claims_doc({**GREATER, "same_train": False}), rows)
+    assert sorted((t["side_a"], t["side_b"]) for t in loose) == [("bb_gs", "nf"), ("bb_multistep", "nf")]
 
 
 def test_two_metrics_of_one_cell_pair_the_cell_with_itself_only():
