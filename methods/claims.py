@@ -78,8 +78,11 @@ def load_claims(path: Path) -> Dict[str, Any]:
 
 
 def _check_side(side: Mapping[str, Any], where: str) -> None:
-    if "method" not in side or "metric" not in side:
-        raise ClaimsError(f"{where}: needs 'method' and 'metric'")
+    if "metric" not in side or ("method" in side) == ("one_of" in side):
+        raise ClaimsError(f"{where}: needs 'metric' and either 'method' or 'one_of'")
+    for alt in side.get("one_of") or []:
+        if not isinstance(alt, Mapping) or "method" not in alt or set(alt) - {"method", "method_args"}:
+            raise ClaimsError(f"{where}: one_of entries are {{method, method_args}}, not {alt!r}")
     metric = side["metric"]
     if isinstance(metric, Mapping):
         if set(metric) != {"defense", "mode"} or metric["mode"] not in ("clean", "oblivious", "adaptive"):
@@ -134,7 +137,10 @@ def metric_value(row: Mapping[str, Any], metric: Any) -> Optional[float]:
 
 def selects(row: Mapping[str, Any], side: Mapping[str, Any]) -> bool:
     """Whether the cell of ``row`` is on ``side``: its method, and its resolved method_args
-    contain the side's ``method_args``."""
+    contain the side's ``method_args`` -- or any alternative of ``one_of`` (one baseline coded
+    two ways, e.g. N-FGSM in eval mode as ``nfgsm`` or as BB with m = 1 and no selection)."""
+    if "one_of" in side:
+        return any(selects(row, alt) for alt in side["one_of"])
     if row["method"] != side["method"]:
         return False
     args = row["_cell"].get("method_args") or {}
@@ -146,6 +152,8 @@ def metric_text(metric: Any) -> str:
 
 
 def side_text(side: Mapping[str, Any]) -> str:
+    if "one_of" in side:
+        return " or ".join(side_text(alt) for alt in side["one_of"])
     args = ", ".join(f"{k}={v}" for k, v in (side.get("method_args") or {}).items())
     return side["method"] + (f" ({args})" if args else "")
 
@@ -238,7 +246,7 @@ def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapp
                         _by_seed(rows, b_side, same, same_train))
     one_selection = ({k: v for k, v in a_side.items() if k != "metric"}
                      == {k: v for k, v in b_side.items() if k != "metric"})
-    out = []
+    out, unmeasured = [], 0
     for ctx in sorted(set(a_cells) & set(b_cells)):
         for ra, a_seeds in sorted(a_cells[ctx].items()):
             for rb, b_seeds in sorted(b_cells[ctx].items()):
@@ -246,10 +254,16 @@ def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapp
                     continue        # two metrics of one cell: never one recipe's against another's
                 if ra == rb and a_side["metric"] == b_side["metric"]:
                     continue                             # a cell against itself
-                out.append(_row(base, test, ctx, same, ra, a_seeds, rb, b_seeds, min_seeds))
+                row = _row(base, test, ctx, same, ra, a_seeds, rb, b_seeds, min_seeds)
+                if row["n_seeds"] == 0 and row["_unmeasured"]:
+                    unmeasured += 1     # the metric does not apply here (no MI evaluation, no
+                    continue            # few-shot classes): not a comparison of this claim
+                out.append(row)
     if not out:
         missing = [side_text(s) for s, cells in ((a_side, a_cells), (b_side, b_cells)) if not cells]
         why = (f"no cells of {' and '.join(missing)} in this run" if missing
+               else f"the metric ({metric}) is not in the evaluations of the {unmeasured} "
+                    "pair(s) of cells that ran" if unmeasured
                else "no context (dataset, arch, eps" + (", " + ", ".join(same) if same else "")
                + (", training block" if same_train else "") + ") where both sides ran")
         out.append({**base, "context": "", "side_a": side_text(a_side), "side_b": side_text(b_side),
@@ -283,7 +297,8 @@ def _row(base, test, ctx, same, ra, a_seeds, rb, b_seeds, min_seeds) -> Dict[str
            "co_seeds_a": co(a_seeds), "co_seeds_b": co(b_seeds), "_eps": ctx[2]}
     if not diffs:
         return {**row, "diff_mean": None, "ci_low": None, "ci_high": None, "verdict": "inconclusive",
-                "reason": f"the metric is not in these cells' evaluations (seeds {missing})"}
+                "reason": f"the metric is not in these cells' evaluations (seeds {missing})",
+                "_unmeasured": True}
     mean, low, high = paired_interval(diffs)
     verdict, reason = judge(test["direction"], low, high, len(diffs), min_seeds, test.get("margin"))
     if test["a"]["metric"] == "passes" and vb and all(vb):
@@ -291,7 +306,7 @@ def _row(base, test, ctx, same, ra, a_seeds, rb, b_seeds, min_seeds) -> Dict[str
     if missing:
         reason += f"; seeds {missing} lack the metric"
     return {**row, "diff_mean": mean, "ci_low": low, "ci_high": high, "verdict": verdict,
-            "reason": reason}
+            "reason": reason, "_unmeasured": False}
 
 
 # --------------------------------------------------------------------------- claims

@@ -159,6 +159,18 @@ def test_two_metrics_of_one_cell_pair_the_cell_with_itself_only():
     assert tests[0]["diff_mean"] == pytest.approx(20.0)
 
 
+def test_cells_without_the_metric_are_not_comparisons_of_the_claim():
+    test = {"id": "mi", "a": {"method": "mixup", "metric": {"defense": "MI-OL", "mode": "oblivious"}},
+            "b": {"method": "mixup", "metric": "pgd"}, "direction": "greater"}
+    rows = [record("mixup", "with_mi", s, 0.9, pgd=0.2, defenses={("MI-OL", "oblivious"): 0.4})
+            for s in range(3)]
+    rows += [record("mixup", "plain", s, 0.9, pgd=0.2) for s in range(3)]
+    tests, _ = evaluate_claims(claims_doc(test), rows)
+    assert [(t["side_a"], t["verdict"]) for t in tests] == [("with_mi", "holds")]
+    none, summary = evaluate_claims(claims_doc(test), rows[3:])
+    assert none[0]["verdict"] == "not run" and "MI-OL oblivious" in none[0]["reason"]
+
+
 def test_an_unmet_premise_makes_the_claim_inconclusive_even_if_the_tests_hold():
     premise = {"id": "gain", "role": "premise", "a": {"method": "mixup", "metric": "fgsm"},
                "b": {"method": "standard", "metric": "fgsm"}, "direction": "greater"}
