@@ -9,8 +9,9 @@ Snakemake 9.27 does not copy a ``-r requirements.txt`` referenced from a conda f
 * ``advrepro.conda.yaml``: every pin (prepare_data, train, evaluate, the AutoAttack shards and
   bench: torch, torchvision, pyautoattack, mlxtend, nvidia-ml-py, ...);
 * ``tables.conda.yaml``: the table and plot rules (aggregate, masking report, eps curves, paper tables, claims, plots), which
-  import no torch (``tests/test_layering.py``): the pins of pandas, seaborn, matplotlib,
-  jsonschema, PyYAML and scipy and everything they pull in, read from the installed packages'
+  import no torch (``tests/test_layering.py``), and the report's HTML pages of the tables: the
+  pins of pandas, seaborn, matplotlib, jsonschema, PyYAML, scipy and Markdown (Python-Markdown,
+  workflow/report/markdown_html.py) and everything they pull in, read from the installed packages'
   metadata, so the closure follows the lock file.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Dict, List, Set
 
 ENVS = Path(__file__).resolve().parent
 LOCK = ENVS / "requirements.txt"
-TABLE_ROOTS = ["pandas", "seaborn", "matplotlib", "jsonschema", "PyYAML", "scipy"]
+TABLE_ROOTS = ["pandas", "seaborn", "matplotlib", "jsonschema", "PyYAML", "scipy", "Markdown"]
 HEADER = ("# Conda environment for `snakemake --sdm conda` ({what}).\n"
           "# Written by envs/make_conda_envs.py from envs/requirements.txt: do not edit by hand.\n"
           "# (Snakemake does not copy `-r requirements.txt` referenced from here, so pip packages are inline.)\n")

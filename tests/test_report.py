@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import yaml
 
 from methods.config import REPO_ROOT, eval_checkpoints, iter_cells, load_yaml
 from methods.plots import PLOTS
+from methods.text_escape import md_cell
 
 REPORT_DIR = REPO_ROOT / "workflow" / "report"
 RULE_FILES = [REPO_ROOT / "workflow" / "rules" / n for n in ("tables.smk", "report.smk")]
@@ -95,32 +97,92 @@ def test_a_paper_tables_dir_with_shell_characters_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ Markdown -> HTML pages
-def test_a_pipe_table_becomes_an_html_table_cell_for_cell():
-    text = ("# Title `x`\n\nSome *note* with **bold**, a [link](bb.md) and [site](https://a.b).\n"
-            "\n| a | b \\| c | <d> |\n|---|---|---|\n| 1 | `x\\|y` | 3 |\n| 4 | 5 | **six** |\n"
-            "\n- one\n- two\n  more\n")
-    page = md.markdown_to_html(text, "t.md")
-    assert "<h1>Title <code>x</code></h1>" in page
-    assert ("<p>Some <em>note</em> with <strong>bold</strong>, a link and "
-            '<a href="https://a.b" target="_blank">site</a>.</p>') in page
-    rows = re.findall(r"<tr>(.*?)</tr>", page)
-    cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in rows]
-    assert cells == [["a", "b | c", "&lt;d&gt;"], ["1", "<code>x|y</code>", "3"],
-                     ["4", "5", "<strong>six</strong>"]]
-    assert "<ul><li>one</li><li>two more</li></ul>" in page
+class Page(HTMLParser):
+    """A page's tables (each a list of rows of cell texts, header row first) and its tags with
+    their attributes, read with the standard library's parser (entities decoded)."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables, self.tags, self.cell = [], [], None
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("th", "td"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self.tables[-1][-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
 
 
-def test_every_row_of_a_written_table_is_in_its_page(tmp_path):
-    rows = [[f"r{i}", f"{i / 7:.3f} [0.1, 0.9]", "no sign"] for i in range(12)]
-    text = ("intro line one\nline two\n\n| name | acc | masking |\n|---|---|---|\n"
-            + "".join(f"| {' | '.join(r)} |\n" for r in rows) + "\ntrailer\n")
-    (tmp_path / "t.md").write_text(text)
-    assert md.main([str(tmp_path / "t.md"), str(tmp_path / "out" / "t.html")]) == 0
-    page = (tmp_path / "out" / "t.html").read_text()
-    body = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", page)[1:]]
-    assert body == rows
-    assert "<p>intro line one line two</p>" in page and "<p>trailer</p>" in page
-    assert not list((tmp_path / "out").glob(".*tmp"))
+def markdown_table(rows):
+    """A pipe table as the table writers write it: every cell through md_cell."""
+    lines = ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join([lines[0], "|" + "---|" * len(rows[0])] + lines[1:]) + "\n"
+
+
+#: Cell values with what a Markdown cell escapes or could mistake: bars (also at a cell's end),
+#: HTML-like text, ampersands, underscores and stars, an attack label whose parts are joined by
+#: bars.
+ROWS = [["name", "acc | robust", "<d>", "AT & co"],
+        ["MI-OL | PGD-10-1-alpha=2/255 | oblivious", "81.2 [80.1, 82.3]", "a|b|", "x < y > z"],
+        ["r1", "n/a", "p<0.05", "seed_42_run * 2 * 3"],
+        ["r2", "12.000", "|", "no sign"]]
+
+
+def test_the_library_page_has_the_markdown_table_cell_for_cell_with_escaped_pipes_literal():
+    text = "Caption line one\nline two.\n\n" + markdown_table(ROWS) + "\ntrailer\n"
+    page = Page(md.markdown_to_html(text, "t.md"))
+    assert page.tables == [ROWS]
+    assert [t for t, _ in page.tags].count("th") == 4 and ("title", {}) in page.tags
+
+
+def test_headings_lists_and_links_are_rendered_and_raw_html_is_text():
+    text = ("# Title `key`\n\nSee [tex](key.tex) and [arXiv](https://arxiv.org/abs/1) **now**; "
+            "<script>alert(1)</script> <b>x</b>\n\n- one\n- two\n")
+    page_text = md.markdown_to_html(text, "a<b>.md")
+    page = Page(page_text)
+    tags = [t for t, _ in page.tags]
+    assert tags.count("h1") == 1 and tags.count("li") == 2 and tags.count("strong") == 1
+    assert "<title>a&lt;b&gt;.md</title>" in page_text and "<code>key</code>" in page_text
+    # Raw HTML is shown as text, never passed on as markup.
+    assert "script" not in tags and "b" not in tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;b&gt;x&lt;/b&gt;" in page_text
+    # A relative link leads nowhere inside the report: its text only; an absolute one: new tab.
+    assert [a for t, a in page.tags if t == "a"] == [
+        {"href": "https://arxiv.org/abs/1", "target": "_blank"}]
+    assert "See <span>tex</span> and" in page_text
+
+
+def test_the_rules_command_writes_every_page_atomically(tmp_path):
+    """The command rule report_tables_html runs (a module, from the repository root)."""
+    rows = [[f"r{i}", f"{i / 7:.3f} [0.1, 0.9]", "no | sign"] for i in range(12)]
+    pairs = []
+    for name in ("t", "u"):
+        (tmp_path / f"{name}.md").write_text(markdown_table([["name", "acc", "masking"]] + rows))
+        pairs += [str(tmp_path / f"{name}.md"), str(tmp_path / "out" / f"{name}.html")]
+    done = subprocess.run([sys.executable, "-m", "workflow.report.markdown_html", *pairs],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("t", "u"):
+        page = (tmp_path / "out" / f"{name}.html").read_text()
+        assert page == md.markdown_to_html((tmp_path / f"{name}.md").read_text(), f"{name}.md")
+        assert Page(page).tables == [[["name", "acc", "masking"]] + rows]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix != ".html"]
+    assert md.main([str(tmp_path / "t.md")]) == 2
+    rule = (REPO_ROOT / "workflow" / "rules" / "report.smk").read_text()
+    assert '"{PY} -m workflow.report.markdown_html {params.pairs:q} > {log} 2>&1"' in rule
 
 
 # ------------------------------------------------------------------ the report in a browser

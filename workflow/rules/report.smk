@@ -31,6 +31,7 @@ rule report_tables_html:
         markdown=report_markdown_inputs(),
         # Not read: the captions count them (snakemake.input.evals), as for the table rules.
         evals=all_evaluations(),
+        # Run as a module (it imports methods.results); listed so that an edit reruns it.
         script="workflow/report/markdown_html.py",
     output:
         html=[table_report(page, caption, category, subcategory)
@@ -43,7 +44,7 @@ rule report_tables_html:
     log:
         f"{RESULTS}/logs/report_tables_html/{config['run_name']}.log",
     shell:
-        "{PY} {input.script:q} {params.pairs:q} > {log} 2>&1"
+        "{PY} -m workflow.report.markdown_html {params.pairs:q} > {log} 2>&1"
 
 
 localrules: report_tables_html
