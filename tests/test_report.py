@@ -141,6 +141,24 @@ ROWS = [["name", "acc | robust", "<d>", "AT & co"],
         ["r2", "12.000", "|", "no sign"]]
 
 
+def pipe_table_shapes(text):
+    """(rows without the rule row, {cells per row}) of every pipe table in Markdown ``text``:
+    runs of lines starting with a bar, cells split at bars not escaped as ``\\|``."""
+    shapes, run = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            run.append(len(re.split(r"(?<!\\)\|", line.strip())) - 2)
+        elif run:
+            shapes.append((len(run) - 1, set(run)))
+            run = []
+    return shapes
+
+
+def test_pipe_table_shapes_counts_escaped_bars_as_text():
+    assert pipe_table_shapes("x\n\n" + markdown_table(ROWS) + "\ny\n| a |\n|---|\n") == [
+        (4, {4}), (1, {1})]
+
+
 def test_the_library_page_has_the_markdown_table_cell_for_cell_with_escaped_pipes_literal():
     text = "Caption line one\nline two.\n\n" + markdown_table(ROWS) + "\ntrailer\n"
     page = Page(md.markdown_to_html(text, "t.md"))
@@ -332,6 +350,9 @@ def test_the_report_shows_every_table_and_figure_of_the_run(smoke_run, tmp_path)
         elif name.endswith(".html"):
             assert entry["shown"] == "iframe:text/html", (where, entry["shown"])
             assert entry["page"] == md.markdown_to_html(markdown.read_text(), markdown.name), where
+            tables = Page(entry["page"]).tables
+            assert [(len(t), {len(r) for r in t}) for t in tables] == pipe_table_shapes(
+                markdown.read_text()), where
         else:
             assert entry["shown"] == f"download:{name}", (where, entry["shown"])
 
