@@ -225,7 +225,8 @@ def _by_seed(rows: List[Mapping[str, Any]], side: Mapping[str, Any], same: Seque
 
 def _context_text(ctx: Tuple, same: Sequence[str]) -> str:
     text = f"{ctx[0]} / {ctx[1]} / eps {ctx[2]:g}"
-    return text + "".join(f" / {k}={json.loads(v)}" for k, v in zip(same, ctx[3:]))
+    return text + "".join(f" / {k}={json.loads(v)}" for k, v in zip(same, ctx[3:])
+                          if json.loads(v) is not None)
 
 
 def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapping[str, Any]],
@@ -344,7 +345,8 @@ def evaluate_claims(doc: Mapping[str, Any], rows: List[Mapping[str, Any]]
     for claim in doc["claims"]:
         mine = [r for t in claim["tests"] for r in test_rows(claim, t, rows, min_seeds)]
         verdict, why = claim_verdict(claim, mine)
-        scale = sorted({f"{r['context']} ({r['n_seeds']} seeds)" for r in mine if r["context"]})
+        scale = sorted({f"{r['context']} ({r['n_seeds']} seed{'s' * (r['n_seeds'] != 1)})"
+                        for r in mine if r["context"]})
         summaries.append({"claim_id": claim["id"], "seed_paper": claim["seed_paper"],
                           "claim": claim["claim"], "source": claim["source"], "verdict": verdict,
                           "why": why, "scale": "; ".join(scale) or "not run"})
