@@ -359,6 +359,10 @@ def _num(x: Optional[float], digits: int = 1) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
 
 
+def _values(values_json: str) -> str:
+    return "[" + ", ".join(f"{v:.1f}" for v in json.loads(values_json)) + "]"
+
+
 def render_markdown(tests: List[Dict[str, Any]], summaries: List[Dict[str, Any]]) -> str:
     lines = ["Headline claims of the seed papers tested as paired comparisons "
              "(paper_tables/published/claims.yaml; methods/claims.py).  Per seed d = a - b in "
@@ -380,7 +384,7 @@ def render_markdown(tests: List[Dict[str, Any]], summaries: List[Dict[str, Any]]
         co = "" if r["co_seeds_a"] is None else f"{r['co_seeds_a']}/{r['co_seeds_b']}"
         lines.append("| " + " | ".join(md_cell(x) for x in (
             r["claim_id"], r["test_id"], r["role"], r["context"] or "-", r["side_a"], r["side_b"],
-            r["metric"], r["n_seeds"], r["values_a"], r["values_b"], ci, direction,
+            r["metric"], r["n_seeds"], _values(r["values_a"]), _values(r["values_b"]), ci, direction,
             f"**{r['verdict']}**", r["reason"], co)) + " |")
     return "\n".join(lines) + "\n"
 

@@ -49,13 +49,13 @@ CSV_COLUMNS = ["table", "section", "paper_key", "published_id", "paper", "eviden
                "pub_attack", "metric_kind", "published", "value_qualifier", "link", "dataset",
                "arch", "method", "recipe", "checkpoint", "metric_label", "n_seeds", "seeds",
                "n_examples", "mean", "ci_low", "ci_high", "half_width", "band_rule", "delta",
-               "verdict", "reason", "markers"]
+               "verdict", "reason", "markers", "pub_note"]
 #: CSV column -> the published-CSV column it copies as text.
 PUBLISHED_TEXT = {"paper_key": "paper_key", "published_id": "id", "paper": "paper",
                   "evidence": "evidence", "source": "source", "pub_method": "method",
                   "pub_variant": "variant", "pub_dataset": "dataset", "pub_arch": "arch",
                   "pub_eps": "eps", "pub_metric": "metric", "pub_attack": "attack",
-                  "metric_kind": "metric_kind"}
+                  "metric_kind": "metric_kind", "pub_note": "note"}
 
 
 def _markers(group: Optional[RunGroup], got: Optional[Measured], link: str) -> List[str]:

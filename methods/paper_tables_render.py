@@ -152,11 +152,12 @@ def published_tables(paper: Mapping[str, Any], rows: List[Dict[str, Any]],
                        r.get("checkpoint") or "", r.get("metric_label") or "",
                        str(r["n_seeds"]) if has_value(r.get("n_seeds")) else "",
                        _interval(r, 2), _pts(r.get("delta")), _verdict_text(r),
-                       r.get("markers") or ""])
+                       r.get("markers") or "", r.get("pub_note") or ""])
     detail_table = Table(f"{title}: every published row", [
         "id", "method / variant", "dataset", "arch", "eps", "metric; attack", "published",
         "evidence", "source", "this run's cell", "ckpt", "evaluated", "n seeds",
-        "reproduced [95%]", "delta", "verdict", "markers"], detail,
+        "reproduced [95%]", "delta", "verdict", "markers",
+        "note (corrections, conflicts, second readings)"], detail,
         ["Sources: " + "  ".join(f"[{i + 1}] {s}" for i, s in enumerate(sources))]
         + _legend(rows))
     return [grid_table, detail_table]

@@ -279,6 +279,14 @@ def test_the_registry_makes_five_tables_even_for_an_empty_run(tmp_path):
         expected = dict(zip(mine["id"], ["not run" if c else "no runnable cell" for c in mine["cells"]]))
         assert dict(zip(frame["published_id"], frame["verdict"])) == expected
         assert "This run has no cell" in (tmp_path / "out" / f"{t.key}.md").read_text()
+    # The corrections stay visible: Selective AT's CIFAR rows labelled PGD-40 with the official
+    # script's PGD-10 as the second reading, and FGSM-RS's two clean accuracies.
+    selective = pd.read_csv(tmp_path / "out" / "selective.csv", dtype=str, keep_default_na=False)
+    cifar40 = selective[selective["pub_dataset"].str.startswith("CIFAR-10")
+                        & selective["pub_attack"].str.contains("PGD-40")]
+    assert len(cifar40) == 4 and cifar40["pub_note"].str.contains("PGD-10").all()
+    baselines = (tmp_path / "out" / "baselines.md").read_text()
+    assert "86.06" in baselines and "83.81" in baselines and "conflict" in baselines
 
 
 def test_the_registry_names_only_known_paper_keys():
