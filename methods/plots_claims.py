@@ -44,7 +44,8 @@ def draw_claims_intervals(points: Sequence["Point"], claims_csv: Path) -> Render
         y = n - 1 - i
         role = "" if str(c.get("role", "test")) in ("test", "nan") else f" ({c['role']})"
         context = "" if str(c["context"]) in ("", "nan") else f" [{c['context']}]"
-        label = textwrap.shorten(f"{c['claim_id']}/{c['test_id']}{role}: {c['test']}{context}",
+        unit = " [passes]" if str(c.get("metric")) == "passes" else ""
+        label = textwrap.shorten(f"{c['claim_id']}/{c['test_id']}{unit}{role}: {c['test']}{context}",
                                  78, placeholder="...")
         labels.append((y, label))
         verdict = str(c.get("verdict") or "not run")
@@ -83,7 +84,8 @@ def draw_claims_intervals(points: Sequence["Point"], claims_csv: Path) -> Render
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks([y for y, _ in labels], [l for _, l in labels], fontsize=6)
         ax.set_ylim(-0.7, n - 0.3)
-        ax.set_xlabel("paired difference a - b (percentage points)")
+        ax.set_xlabel("paired difference a - b (percentage points; [passes]: sample-passes "
+                      "per training example)")
         handles = [Patch(color=col, label=v) for v, col in VERDICT_COLORS.items()]
         handles.append(Patch(color="tab:blue", alpha=0.2, label="+-margin (equivalence)"))
         handles.append(Line2D([], [], color="tab:blue", ls="--", label="margin (at most)"))
