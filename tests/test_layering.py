@@ -1,5 +1,8 @@
 """The package's layering, read from the source: stages are siblings over shared builders."""
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,20 +53,32 @@ def test_evaluation_does_not_import_the_training_loop():
                    for m in imported_modules("methods.evaluation"))
 
 
-@pytest.mark.parametrize("name", ["methods.tables", "methods.cost_plot", "methods.config",
-                                  "methods.attack_specs", "methods.lt_metrics",
-                                  "methods.masking_report", "methods.eps_curves",
-                                  "methods.bench_tables", "methods.gpu_hours",
-                                  "methods.published", "methods.published_build",
-                                  "methods.plots", "methods.plot_data",
-                                  "methods.plots_style",
-                                  "methods.plots_sweeps",
-                                  "methods.plots_training",
-                                  "methods.plots_claims",
-                                  "methods.claims", "methods.text_escape",
-                                  "methods.paper_tables", "methods.paper_tables_band",
-                                  "methods.paper_tables_measure", "methods.paper_tables_compare",
-                                  "methods.paper_tables_render"])
+#: Modules that read only configs and result files: no torch, no training or evaluation stage
+#: (the workflow's table rules run them in the torch-free conda env).
+TORCH_FREE = ["methods.tables", "methods.cost_plot", "methods.config", "methods.attack_specs",
+              "methods.lt_metrics", "methods.masking_report", "methods.eps_curves",
+              "methods.bench_tables", "methods.gpu_hours", "methods.published",
+              "methods.published_build", "methods.plots", "methods.plot_data",
+              "methods.plots_style", "methods.plots_sweeps", "methods.plots_training",
+              "methods.plots_claims", "methods.claims", "methods.text_escape",
+              "methods.paper_tables", "methods.paper_tables_band", "methods.paper_tables_measure",
+              "methods.paper_tables_compare", "methods.paper_tables_render"]
+STAGES = ("methods.training", "methods.evaluation", "methods.attacks")
+
+
+def test_torch_free_modules_load_no_torch_when_imported():
+    """The source check below, at run time: importing all of them (and what they import) in a
+    fresh interpreter loads neither torch nor a stage."""
+    code = (f"import sys, json; import {', '.join(TORCH_FREE)}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' "
+            f"or m.startswith('torch.') or m in {STAGES!r})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("name", TORCH_FREE)
 def test_renderers_and_config_import_neither_torch_nor_the_stages(name):
     mods = imported_modules(name)
     assert not any(m == "torch" or m.startswith("torch.") for m in mods), mods

@@ -239,16 +239,6 @@ def test_report_files_and_cli(tmp_path):
     assert csv.loc["batchout_alt_3", "autoattack_ci_high"] < csv.loc["batchout_alt_3", "fgsm_ci_low"]
 
 
-def test_report_and_curves_import_no_torch():
-    code = ("import sys, methods.masking_report, methods.eps_curves; "
-            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')"
-            " or m in ('methods.evaluation', 'methods.training', 'methods.attacks')); "
-            "print(loaded); sys.exit(1 if loaded else 0)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, f"imported: {done.stdout} {done.stderr}"
-
-
 def test_snakemake_plans_the_report_and_the_plot_without_ambiguity(tmp_path):
     """A dry run of the smoke config asking for the report and the plot by path: each is made
     by its own rule from every evaluation file, and the main table still by aggregate."""
