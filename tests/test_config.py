@@ -121,6 +121,19 @@ def test_evaluation_identity_merges_recipe_over_config_and_hashes_it():
         resolve_evaluation(BASE, "nope")
 
 
+def test_recipe_evaluation_of_the_run_config_wins_for_that_recipe_only():
+    """claims.yaml gives AutoAttack to a few recipes: their evaluation identity changes, the
+    others' and every training identity do not."""
+    config = _with(BASE, recipes__child__evaluation={"n": 50},
+                   recipe_evaluation={"child": {"n": 7, "seed": 3}})
+    spec = resolve_evaluation(config, "child")
+    assert (spec["n"], spec["seed"]) == (7, 3)           # over the recipe's own n = 50
+    plain = _with(BASE, recipes__child__evaluation={"n": 50})
+    assert spec["eval_hash"] != resolve_evaluation(plain, "child")["eval_hash"]
+    assert resolve_evaluation(config, "swept-k3") == resolve_evaluation(plain, "swept-k3")
+    assert resolve_cell(config, "d", "a", "child", 0) == resolve_cell(plain, "d", "a", "child", 0)
+
+
 def test_evaluation_identity_normalizes_attacks_and_rejects_bad_ones_early():
     spelled = _with(BASE, evaluation__attacks=[{"name": "pgd", "steps": 10, "alpha": 2 / 255,
                                                "restarts": 1, "early_stop": True}])

@@ -251,6 +251,14 @@ CASES = [
         "attacks": [{"name": "fgsm", "eps": 0}]}), "recipes.r.evaluation.attacks[0].eps", 0, "> 0"),
     ("recipe-eval-checkpoints", with_recipe("r", extends="nfgsm_mnist", evaluation={
         "checkpoints": ["best"]}), "recipes.r.evaluation.checkpoints", ["best"], "config's"),
+    ("recipe-evaluation-unknown-recipe", entry("recipe_evaluation", "nope", {"batch_size": 10}),
+     "recipe_evaluation.nope", "nope", "one of the recipes"),
+    ("recipe-evaluation-checkpoints", entry("recipe_evaluation", "nfgsm_mnist",
+                                            {"checkpoints": ["best"]}),
+     "recipe_evaluation.nfgsm_mnist.checkpoints", ["best"], "config's"),
+    ("recipe-evaluation-attack", entry("recipe_evaluation", "nfgsm_mnist",
+                                       {"attacks": [{"name": "pgdd"}]}),
+     "recipe_evaluation.nfgsm_mnist.attacks[0].name", "pgdd", "fgsm"),
 ]
 
 
