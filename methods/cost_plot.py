@@ -29,7 +29,7 @@ from __future__ import annotations
 import glob
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .config import REPO_ROOT
 from .results import read_result
@@ -126,9 +126,11 @@ def published_points(points: List[Dict[str, Any]], csv_paths: List[str],
     return out
 
 
-def _axis(points: List[Dict[str, Any]], choices) -> Optional[tuple]:
+def cost_axis(costs: Sequence[Mapping[str, Any]], choices) -> Optional[tuple]:
+    """The first ``(field, label)`` of ``choices`` (e.g. :data:`TIME_AXES`) that every cost
+    record in ``costs`` has, or None."""
     for field, label in choices:
-        if points and all(p.get(field) is not None for p in points):
+        if costs and all(c.get(field) is not None for c in costs):
             return field, label
     return None
 
@@ -150,7 +152,7 @@ def plot_cost_vs_robustness(spec: Dict[str, Any], path: Path,
     if files is not None:
         pattern = f"{len(files)} evaluation files"
     published = published_points(points, list(spec.get("published") or []), annotations)
-    time_axis, energy_axis = _axis(points, TIME_AXES), _axis(points, ENERGY_AXES)
+    time_axis, energy_axis = cost_axis(points, TIME_AXES), cost_axis(points, ENERGY_AXES)
     panels = [a for a in (time_axis, energy_axis) if a is not None]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)) + 3, 5.2),
                              squeeze=False)

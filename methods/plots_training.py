@@ -77,25 +77,18 @@ def draw_monitor_curves(points: Sequence["Point"], claims_csv: Path) -> Rendered
 
 
 # ----------------------------------------------------------------------------- cost
-def _cost_axis(points: Sequence["Point"], choices) -> Optional[Tuple[str, str]]:
-    """The first ``(field, label)`` of ``choices`` that every point has (as cost_plot does)."""
-    for fld, label in choices:
-        if points and all(p.cost.get(fld) is not None for p in points):
-            return fld, label
-    return None
-
-
 def draw_cost_vs_robustness(points: Sequence["Point"], claims_csv: Path) -> Rendered:
     """``cost_vs_robustness``: per dataset x arch a row of three panels (passes, time,
     energy) over the points with a PGD or AutoAttack accuracy."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    from .cost_plot import ENERGY_AXES, TIME_AXES
+    from .cost_plot import ENERGY_AXES, TIME_AXES, cost_axis
     from .plot_data import panels_of, seed_stats
 
     pts = [p for p in points if p.pgd_acc is not None or p.aa_acc is not None]
     panels = panels_of(pts)
-    time_axis, energy_axis = _cost_axis(pts, TIME_AXES), _cost_axis(pts, ENERGY_AXES)
+    costs = [p.cost for p in pts]
+    time_axis, energy_axis = cost_axis(costs, TIME_AXES), cost_axis(costs, ENERGY_AXES)
     axes_spec = [("passes", "fwd+bwd passes per training example (counted)"), time_axis,
                  energy_axis]
     fig, axes = grid(max(1, len(panels)) * 3, 3, "Robust accuracy against training cost")
