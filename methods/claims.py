@@ -3,10 +3,10 @@
 The claims and the rules are in ``paper_tables/published/claims.yaml`` (its header is the
 specification; :data:`DIRECTIONS` and :func:`judge` implement it).  In short: a test compares
 side ``a`` with side ``b``; each side selects cells by ``method`` and a subset of
-``method_args`` and reads one metric (:func:`metric_value`); cells pair within a context
-(dataset, arch, threat eps, plus the ``same`` method_args) by seed; per seed d = a - b (or
-(a - b) - (contrast a - contrast b)); the mean of d and its 95% t-interval over the n seeds give
-the verdict.  Nothing here picks a side or a number by hand: every value comes from the result
+``method_args`` (or ``one_of`` such selections) and reads one metric (:func:`metric_value`);
+cells pair within a context (dataset, arch, threat eps, the training block, the ``same``
+method_args) by seed; per seed d = a - b; the mean of d and its 95% t-interval over the n seeds
+give the verdict.  Nothing here picks a side or a number by hand: every value comes from the result
 files (:func:`methods.tables.rows_from_results`), and a claim whose cells are not in the run is
 reported as "not run", never left out.
 
@@ -71,9 +71,6 @@ def load_claims(path: Path) -> Dict[str, Any]:
                 raise ClaimsError(f"{where}: direction {t['direction']!r} needs a numeric 'margin' (points)")
             for side in ("a", "b"):
                 _check_side(t[side], f"{where} side {side}")
-            for side in ("a", "b"):
-                if "contrast" in t:
-                    _check_side(t["contrast"].get(side) or {}, f"{where} contrast.{side}")
     return doc
 
 
@@ -233,11 +230,9 @@ def test_rows(claim: Mapping[str, Any], test: Mapping[str, Any], rows: List[Mapp
               min_seeds: int) -> List[Dict[str, Any]]:
     """One row per context x recipe pair where both sides ran; one "not run" row otherwise."""
     same = test.get("same") or []
-    a_side, b_side, contrast = test["a"], test["b"], test.get("contrast")
+    a_side, b_side = test["a"], test["b"]
     metric = metric_text(a_side["metric"]) + (
         "" if a_side["metric"] == b_side["metric"] else f" vs {metric_text(b_side['metric'])}")
-    if contrast:
-        metric += f", minus the same difference in {metric_text(contrast['a']['metric'])}"
     base = {"claim_id": claim["id"], "seed_paper": claim["seed_paper"], "claim": claim["claim"],
             "test_id": test["id"], "test": f"{side_text(a_side)} - {side_text(b_side)}",
             "role": test.get("role", "test"), "metric": metric, "direction": test["direction"],
@@ -282,10 +277,6 @@ def _row(base, test, ctx, same, ra, a_seeds, rb, b_seeds, min_seeds) -> Dict[str
         a = metric_value(a_seeds[seed], test["a"]["metric"])
         b = metric_value(b_seeds[seed], test["b"]["metric"])
         d = None if a is None or b is None else a - b
-        if d is not None and test.get("contrast"):
-            ca = metric_value(a_seeds[seed], test["contrast"]["a"]["metric"])
-            cb = metric_value(b_seeds[seed], test["contrast"]["b"]["metric"])
-            d = None if ca is None or cb is None else d - (ca - cb)
         if d is None:
             missing.append(seed)
             continue
